@@ -1,0 +1,13 @@
+"""Flax models and their loaders for diffusers / transformers / open_clip / LAION / insightface formats.
+
+Importing this package registers every architecture with the loaders.
+"""
+
+from alignax.models.diffusers_format import load_diffusers, save_diffusers
+from alignax.models.pretrained import Architecture, Pretrained, abstract_params, init_params
+from alignax.models.transformers_format import load_transformers, save_transformers
+
+__all__ = [
+    "Architecture", "Pretrained", "abstract_params", "init_params",
+    "load_diffusers", "save_diffusers", "load_transformers", "save_transformers",
+]
