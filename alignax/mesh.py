@@ -1,0 +1,83 @@
+"""Device mesh and logical-axis sharding.
+
+Params and activations are annotated with logical names ('embed', 'heads', 'mlp',
+'activation_batch', ...); `config.mesh.rules` maps those names to mesh axes. Changing
+the parallelism layout is a config edit, never a model edit.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from alignax.errors import ConfigError
+
+DEFAULT_AXES = ("data", "fsdp", "tensor")
+
+# FSDP shards weights over `fsdp` along their model dimension; tensor parallelism splits
+# heads and MLP width; the batch is split over both data axes.
+DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
+    ("activation_batch", ("data", "fsdp")),
+    ("activation_length", None),
+    ("activation_embed", None),
+    ("activation_mlp", "tensor"),
+    ("activation_heads", "tensor"),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("mlp", "tensor"),
+    ("vocab", "tensor"),
+    ("conv_in", None),
+    ("conv_out", "fsdp"),
+    ("norm", None),
+)
+
+Rules = Sequence[tuple[str, Any]]
+
+
+def resolve_shape(shape: Sequence[int], num_devices: int, field: str = "config.mesh.shape") -> tuple[int, ...]:
+    """Fills one -1 so the mesh covers every device; refuses shapes that cannot."""
+    shape = tuple(int(s) for s in shape)
+    if shape.count(-1) > 1 or any(s == 0 or s < -1 for s in shape):
+        raise ConfigError(f"{field}={shape}: sizes must be positive, with at most one -1")
+    known = math.prod(s for s in shape if s != -1)
+    if num_devices % known:
+        raise ConfigError(f"{field}={shape}: product {known} does not divide the {num_devices} devices")
+    resolved = tuple(num_devices // known if s == -1 else s for s in shape)
+    if math.prod(resolved) != num_devices:
+        raise ConfigError(f"{field}={shape}: covers {math.prod(resolved)} devices, but there are {num_devices}")
+    return resolved
+
+
+def make_mesh(shape: Sequence[int] = (-1, 1, 1), axes: Sequence[str] = DEFAULT_AXES,
+              devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A mesh with Auto axis types over `devices` (default: all), reshaped to `shape`."""
+    devices = list(jax.devices() if devices is None else devices)
+    if len(shape) != len(axes):
+        raise ConfigError(f"config.mesh.shape={tuple(shape)} and config.mesh.axes={tuple(axes)} differ in length")
+    resolved = resolve_shape(shape, len(devices))
+    return Mesh(np.asarray(devices).reshape(resolved), tuple(axes))
+
+
+def logical_shardings(logical_specs: Any, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Any:
+    """Tree of logical PartitionSpecs → tree of NamedShardings on `mesh`."""
+    return nn.logical_to_mesh_sharding(logical_specs, mesh, tuple(rules))
+
+
+def logical_sharding(axes: Sequence[str | None], mesh: Mesh, rules: Rules = DEFAULT_RULES) -> NamedSharding:
+    """One array's NamedSharding from its logical axis names, e.g. a batch ('activation_batch', None)."""
+    return NamedSharding(mesh, nn.logical_to_mesh_axes(tuple(axes), tuple(rules)))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def shard_params(params: Any, logical_specs: Any, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Any:
+    """Places an existing params pytree on the mesh according to its logical specs."""
+    return jax.device_put(params, logical_shardings(logical_specs, mesh, rules))
