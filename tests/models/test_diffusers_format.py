@@ -1,0 +1,171 @@
+"""load_diffusers / save_diffusers: round trips through diffusers, sharding, bf16, bad inputs, atomicity."""
+
+import json
+import shutil
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from diffusers import SD3Transformer2DModel
+from safetensors.numpy import save_file
+
+from alignax.errors import WeightsError
+from alignax.models import load_diffusers, save_diffusers, weights_io
+from tests import reference_models as ref
+from tests.parity import max_rel_err
+
+CALL_ARGS = ("hidden_states", "timestep", "encoder_hidden_states", "pooled_projections")
+
+
+def _run(model, inputs):
+    return np.asarray(model(*(jnp.asarray(inputs[k]) for k in CALL_ARGS)))
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    path = tmp_path_factory.mktemp("sd35_src")
+    ref.sd3_transformer(seed=11, **ref.SD35_TINY).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def inputs():
+    return ref.transformer_inputs(ref.SD35_TINY, height=6, width=10)
+
+
+def test_round_trip_through_diffusers(saved, inputs, tmp_path):
+    model = load_diffusers(saved)
+    out = save_diffusers(model, tmp_path / "export")
+    reloaded = SD3Transformer2DModel.from_pretrained(out).eval()
+    assert tuple(reloaded.config.dual_attention_layers) == (0, 1) and reloaded.config.qk_norm == "rms_norm"
+    assert max_rel_err(_run(model, inputs), ref.run_torch_transformer(reloaded, inputs)) <= 1e-5
+
+
+def test_sharded_export_writes_an_index_and_reloads(saved, inputs, tmp_path):
+    model = load_diffusers(saved)
+    out = save_diffusers(model, tmp_path / "sharded", max_shard_size=20_000)
+    index = json.loads((out / "diffusion_pytorch_model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 1 and all((out / s).is_file() for s in shards)
+    reloaded = SD3Transformer2DModel.from_pretrained(out).eval()
+    assert max_rel_err(_run(model, inputs), ref.run_torch_transformer(reloaded, inputs)) <= 1e-5
+    again = load_diffusers(out)
+    assert max_rel_err(_run(again, inputs), _run(model, inputs)) == 0.0
+
+
+def test_bf16_storage_round_trip(saved, inputs, tmp_path):
+    model = load_diffusers(saved)
+    out = save_diffusers(model, tmp_path / "bf16", dtype=jnp.bfloat16)
+    reloaded = SD3Transformer2DModel.from_pretrained(out, torch_dtype=torch.float32).eval()
+    assert next(reloaded.parameters()).dtype == torch.float32
+    from safetensors import safe_open
+    with safe_open(str(out / "diffusion_pytorch_model.safetensors"), framework="numpy") as f:
+        assert f.get_slice("proj_out.weight").get_dtype() == "BF16"
+    ours = load_diffusers(out)  # bf16 on disk, fp32 params
+    assert ours.params["proj_out"]["kernel"].dtype == jnp.float32
+    assert max_rel_err(_run(ours, inputs), ref.run_torch_transformer(reloaded, inputs)) <= 1e-5
+    in_bf16 = load_diffusers(out, dtype=jnp.bfloat16)
+    assert in_bf16.params["proj_out"]["kernel"].dtype == jnp.bfloat16
+
+
+def test_subfolder(saved, tmp_path):
+    shutil.copytree(saved, tmp_path / "pipeline" / "transformer")
+    assert load_diffusers(tmp_path / "pipeline", subfolder="transformer").config["num_layers"] == 4
+
+
+def test_failed_export_leaves_previous_directory_intact(saved, tmp_path, monkeypatch):
+    model = load_diffusers(saved)
+    out = save_diffusers(model, tmp_path / "export")
+    before = sorted(p.name for p in out.iterdir())
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(weights_io, "write_tensors", crash)
+    with pytest.raises(OSError, match="disk full"):
+        save_diffusers(model, out)
+    assert sorted(p.name for p in out.iterdir()) == before
+    assert [p.name for p in tmp_path.iterdir()] == ["export"]  # no temporary left behind
+    with pytest.raises(OSError):
+        save_diffusers(model, tmp_path / "never")
+    assert not (tmp_path / "never").exists()
+
+
+# --- bad inputs: each error names the key or file -------------------------------------------
+
+def _copy(saved, tmp_path):
+    return shutil.copytree(saved, tmp_path / "bad")
+
+
+def _rewrite_weights(path, edit):
+    file = path / "diffusion_pytorch_model.safetensors"
+    from safetensors.numpy import load_file
+    tensors = load_file(str(file))
+    edit(tensors)
+    save_file(tensors, str(file))
+
+
+def test_missing_key(saved, tmp_path):
+    path = _copy(saved, tmp_path)
+    _rewrite_weights(path, lambda t: t.pop("transformer_blocks.1.attn.to_k.weight"))
+    with pytest.raises(WeightsError, match=r"missing key 'transformer_blocks\.1\.attn\.to_k\.weight'"):
+        load_diffusers(path)
+
+
+def test_unexpected_key(saved, tmp_path):
+    path = _copy(saved, tmp_path)
+    _rewrite_weights(path, lambda t: t.update({"transformer_blocks.9.extra.weight": np.zeros(3, np.float32)}))
+    with pytest.raises(WeightsError, match=r"unexpected key 'transformer_blocks\.9\.extra\.weight'"):
+        load_diffusers(path)
+
+
+def test_shape_mismatch_names_both_shapes(saved, tmp_path):
+    path = _copy(saved, tmp_path)
+    _rewrite_weights(path, lambda t: t.update({"proj_out.weight": np.zeros((16, 7), np.float32)}))
+    with pytest.raises(WeightsError, match=r"'proj_out\.weight'.*\(16, 7\).*\(16, 16\)"):
+        load_diffusers(path)
+
+
+def test_truncated_file(saved, tmp_path):
+    path = _copy(saved, tmp_path)
+    file = path / "diffusion_pytorch_model.safetensors"
+    file.write_bytes(file.read_bytes()[:-1000])
+    with pytest.raises(WeightsError, match="diffusion_pytorch_model.safetensors"):
+        load_diffusers(path)
+
+
+def test_corrupt_file(saved, tmp_path):
+    path = _copy(saved, tmp_path)
+    (path / "diffusion_pytorch_model.safetensors").write_bytes(b"\x00" * 64 + b"garbage")
+    with pytest.raises(WeightsError, match="diffusion_pytorch_model.safetensors"):
+        load_diffusers(path)
+
+
+def test_unknown_class_name(saved, tmp_path):
+    path = _copy(saved, tmp_path)
+    config = json.loads((path / "config.json").read_text())
+    config["_class_name"] = "UNet2DConditionModel"
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(WeightsError, match="config.json.*'UNet2DConditionModel'"):
+        load_diffusers(path)
+
+
+def test_missing_config_and_missing_shard(saved, tmp_path):
+    with pytest.raises(WeightsError, match="config.json: file not found"):
+        load_diffusers(tmp_path)
+    model = load_diffusers(saved)
+    out = save_diffusers(model, tmp_path / "sharded", max_shard_size=20_000)
+    victim = sorted(out.glob("*-of-*.safetensors"))[1]
+    victim.unlink()
+    with pytest.raises(WeightsError, match=victim.name):
+        load_diffusers(out)
+
+
+def test_unsupported_config_value(saved, tmp_path):
+    path = _copy(saved, tmp_path)
+    config = json.loads((path / "config.json").read_text())
+    config["qk_norm"] = "l2"
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(WeightsError, match="qk_norm='l2'"):
+        load_diffusers(path)
