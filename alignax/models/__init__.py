@@ -3,10 +3,13 @@
 Importing this package registers every architecture with the loaders.
 """
 
+from alignax.models import (
+    mmdit,  # noqa: F401  (registers SD3Transformer2DModel)
+    vae,  # noqa: F401  (registers AutoencoderKL)
+)
 from alignax.models.diffusers_format import load_diffusers, save_diffusers
 from alignax.models.pretrained import Architecture, Pretrained, abstract_params, init_params
 from alignax.models.transformers_format import load_transformers, save_transformers
-from alignax.models import mmdit  # noqa: F401, E402  (registers SD3Transformer2DModel)
 
 __all__ = [
     "Architecture", "Pretrained", "abstract_params", "init_params",
