@@ -4,7 +4,9 @@ Importing this package registers every architecture with the loaders.
 """
 
 from alignax.models import (
+    clip,  # noqa: F401  (registers clip)
     mmdit,  # noqa: F401  (registers SD3Transformer2DModel)
+    siglip,  # noqa: F401  (registers siglip)
     vae,  # noqa: F401  (registers AutoencoderKL)
 )
 from alignax.models.diffusers_format import load_diffusers, save_diffusers
