@@ -79,10 +79,10 @@ def test_gradient_through_sampler_matches_finite_difference(tiny):
 
     keys = jax.random.split(jax.random.key(0), len(leaves))
     direction = jax.tree.unflatten(jax.tree.structure(grads),
-                                   [jax.random.normal(k, g.shape) for k, g in zip(keys, leaves)])
+                                   [jax.random.normal(k, g.shape) for k, g in zip(keys, leaves, strict=False)])
     # The sin-cos position table is a fixed buffer (stop_gradient), so it is not a direction to probe.
     direction["pos_embed"]["pos_embed"] = jnp.zeros_like(direction["pos_embed"]["pos_embed"])
-    analytic = sum(float(jnp.vdot(g, d)) for g, d in zip(leaves, jax.tree.leaves(direction)))
+    analytic = sum(float(jnp.vdot(g, d)) for g, d in zip(leaves, jax.tree.leaves(direction), strict=False))
     eps = 1e-4  # three Euler steps of a random net are strongly curved; 1e-3 leaves O(eps^2) error of ~4%
     shifted = lambda s: jax.tree.map(lambda p, d: p + s * eps * d, model.params, direction)
     numeric = (float(loss(shifted(1.0))) - float(loss(shifted(-1.0)))) / (2 * eps)

@@ -12,7 +12,6 @@ which are inference-time extras of the diffusers pipeline, not part of the weigh
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from typing import Any
 
@@ -78,7 +77,7 @@ class MMDiTConfig:
 class Runtime:
     """How to run the model; not part of the weights."""
 
-    dtype: Dtype = jnp.float32          # compute dtype; params stay as stored
+    compute_dtype: Dtype = jnp.float32  # params stay as stored; bf16 on TPU
     attention: str = "xla"              # key of alignax.models.attention.KERNELS
     scan_layers: bool = False           # lax.scan over runs of identical blocks
     remat: str = "none"                 # alignax.remat policy name, applied per block
@@ -88,13 +87,16 @@ class Runtime:
         attention.get(self.attention)
         remat.check(self.remat)
 
+    def dense(self, features: int, kernel_axes: tuple[str | None, str | None], **kwargs: Any) -> Linear:
+        return Linear(features, kernel_axes=kernel_axes, dtype=self.compute_dtype, precision=self.precision, **kwargs)
+
 
 def _qk_rms_norm(name: str, rt: Runtime) -> nn.Module:
-    return RMSNorm(epsilon=1e-6, dtype=rt.dtype, name=name)
+    return RMSNorm(epsilon=1e-6, dtype=rt.compute_dtype, name=name)
 
 
 def _qk_layer_norm(name: str, rt: Runtime) -> nn.Module:
-    return LayerNorm(epsilon=1e-6, use_affine=True, dtype=rt.dtype, name=name)
+    return LayerNorm(epsilon=1e-6, use_affine=True, dtype=rt.compute_dtype, name=name)
 
 
 QK_NORMS = {None: None, "rms_norm": _qk_rms_norm, "layer_norm": _qk_layer_norm}
@@ -132,8 +134,8 @@ class Modulation(nn.Module):
 
     @nn.compact
     def __call__(self, temb: jax.Array) -> list[jax.Array]:
-        emb = Linear(self.chunks * self.dim, kernel_axes=("embed", "mlp"), dtype=self.rt.dtype,
-                     precision=self.rt.precision, kernel_init=nn.initializers.zeros, name="linear")(nn.silu(temb))
+        emb = self.rt.dense(self.chunks * self.dim, ("embed", "modulation"), kernel_init=nn.initializers.zeros,
+                            name="linear")(nn.silu(temb))
         return jnp.split(emb[:, None, :], self.chunks, axis=-1)
 
 
@@ -150,12 +152,10 @@ class FeedForward(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        h = Linear(4 * self.dim, kernel_axes=("embed", "mlp"), dtype=self.rt.dtype, precision=self.rt.precision,
-                   name="net.0.proj")(x)
+        h = self.rt.dense(4 * self.dim, ("embed", "mlp"), name="net.0.proj")(x)
         h = nn.with_logical_constraint(jax.nn.gelu(h, approximate=True),
                                        ("activation_batch", "activation_length", "activation_mlp"))
-        return Linear(self.dim, kernel_axes=("mlp", "embed"), dtype=self.rt.dtype, precision=self.rt.precision,
-                      name="net.2")(h)
+        return self.rt.dense(self.dim, ("mlp", "embed"), name="net.2")(h)
 
 
 class Attention(nn.Module):
@@ -175,9 +175,8 @@ class Attention(nn.Module):
         cfg, rt = self.config, self.rt
         names = (f"{prefix}q", f"{prefix}k", f"{prefix}v")
         out = []
-        for name, role in zip(names, "qkv"):
-            y = Linear(cfg.inner_dim, kernel_axes=("embed", "heads"), dtype=rt.dtype, precision=rt.precision,
-                       name=name + ("_proj" if prefix == "add_" else ""))(x)
+        for name, role in zip(names, "qkv", strict=False):
+            y = rt.dense(cfg.inner_dim, ("embed", "heads"), name=name + ("_proj" if prefix == "add_" else ""))(x)
             y = y.reshape(*y.shape[:-1], cfg.num_attention_heads, cfg.attention_head_dim)
             norm = QK_NORMS[cfg.qk_norm]
             if norm is not None and role in "qk":
@@ -194,14 +193,12 @@ class Attention(nn.Module):
             q, k, v = (jnp.concatenate(pair, axis=1) for pair in ((q, cq), (k, ck), (v, cv)))
         out = attention.get(rt.attention)(q, k, v)
         out = out.reshape(*out.shape[:2], cfg.inner_dim)
-        image_out = Linear(cfg.inner_dim, kernel_axes=("heads", "embed"), dtype=rt.dtype, precision=rt.precision,
-                           name="to_out.0")(out[:, : x.shape[1]])
+        image_out = rt.dense(cfg.inner_dim, ("heads", "embed"), name="to_out.0")(out[:, : x.shape[1]])
         if not self.joint:
             return image_out
         if self.context_pre_only:
             return image_out, None
-        context_out = Linear(cfg.inner_dim, kernel_axes=("heads", "embed"), dtype=rt.dtype, precision=rt.precision,
-                             name="to_add_out")(out[:, x.shape[1]:])
+        context_out = rt.dense(cfg.inner_dim, ("heads", "embed"), name="to_add_out")(out[:, x.shape[1]:])
         return image_out, context_out
 
 
@@ -291,7 +288,7 @@ class _PatchProjection(nn.Module):
 
     @nn.compact
     def __call__(self, patches: jax.Array) -> jax.Array:
-        p, dtype = self.patch_size, self.rt.dtype
+        p, dtype = self.patch_size, self.rt.compute_dtype
         channels = patches.shape[-1] // (p * p)
         kernel = self.param("kernel", nn.with_logical_partitioning(nn.initializers.lecun_normal(),
                                                                    (None, None, None, "embed")),
@@ -339,26 +336,25 @@ class MMDiT(nn.Module):
 
         hidden = PatchEmbed(cfg, rt, name="pos_embed")(x)
         temb = self._time_text_embed(timestep, pooled)
-        context = Linear(cfg.caption_projection_dim, kernel_axes=(None, "embed"), dtype=rt.dtype,
-                         precision=rt.precision, name="context_embedder")(context)
+        context = rt.dense(cfg.caption_projection_dim, (None, "embed"), name="context_embedder")(context)
 
         hidden, captured = self._blocks(hidden, context, temb, capture_layers)
 
         scale, shift = Modulation(cfg.inner_dim, 2, rt, name="norm_out")(temb)
         hidden = _layer_norm(hidden) * (1 + scale) + shift
-        out = Linear(p * p * cfg.out_channels, kernel_axes=("embed", None), dtype=rt.dtype, precision=rt.precision,
-                     kernel_init=nn.initializers.zeros, name="proj_out")(hidden)
+        out = rt.dense(p * p * cfg.out_channels, ("embed", None), kernel_init=nn.initializers.zeros,
+                       name="proj_out")(hidden)
         out = einops.rearrange(out, "b (h w) (p q c) -> b (h p) (w q) c", h=h, w=w, p=p, q=p)
         return (out, captured) if capture_layers else out
 
     def _time_text_embed(self, timestep: jax.Array, pooled: jax.Array) -> jax.Array:
         cfg, rt = self.config, self.rt
-        dense = functools.partial(Linear, cfg.inner_dim, dtype=rt.dtype, precision=rt.precision)
+        dim = cfg.inner_dim
         t = timestep_features(timestep).astype(pooled.dtype)
-        t = dense(kernel_axes=(None, "embed"), name="time_text_embed.timestep_embedder.linear_1")(t)
-        t = dense(kernel_axes=("embed", "mlp"), name="time_text_embed.timestep_embedder.linear_2")(nn.silu(t))
-        c = dense(kernel_axes=(None, "embed"), name="time_text_embed.text_embedder.linear_1")(pooled)
-        c = dense(kernel_axes=("embed", "mlp"), name="time_text_embed.text_embedder.linear_2")(nn.silu(c))
+        t = rt.dense(dim, (None, "embed"), name="time_text_embed.timestep_embedder.linear_1")(t)
+        t = rt.dense(dim, ("embed", "mlp"), name="time_text_embed.timestep_embedder.linear_2")(nn.silu(t))
+        c = rt.dense(dim, (None, "embed"), name="time_text_embed.text_embedder.linear_1")(pooled)
+        c = rt.dense(dim, ("embed", "mlp"), name="time_text_embed.text_embedder.linear_2")(nn.silu(c))
         return t + c
 
     def _blocks(self, hidden, context, temb, capture_layers):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import re
 import shutil
@@ -144,7 +143,7 @@ def write_tensors(tensors: Mapping[str, np.ndarray], directory: Path, stem: str,
     shards: list[dict[str, np.ndarray]] = [{}]
     shard_bytes = 0
     for key in sorted(tensors):
-        array = np.ascontiguousarray(tensors[key])
+        array = np.require(tensors[key], requirements="C")  # ascontiguousarray would turn 0-d into (1,)
         if shards[-1] and shard_bytes + array.nbytes > limit:
             shards.append({})
             shard_bytes = 0
@@ -154,15 +153,11 @@ def write_tensors(tensors: Mapping[str, np.ndarray], directory: Path, stem: str,
         names = [f"{stem}.safetensors"]
     else:
         names = [f"{stem}-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    for name, shard in zip(names, shards):
+    for name, shard in zip(names, shards, strict=False):
         save_file(shard, str(directory / name), metadata={"format": "pt"})
     if len(shards) > 1:
         index = {"metadata": {"total_size": int(sum(a.nbytes for a in tensors.values()))},
-                 "weight_map": {k: name for name, shard in zip(names, shards) for k in shard}}
+                 "weight_map": {k: name for name, shard in zip(names, shards, strict=False) for k in shard}}
         with open(directory / f"{stem}.safetensors.index.json", "w") as f:
             json.dump(index, f, indent=2, sort_keys=True)
     return [directory / n for n in names]
-
-
-def num_elements(shape: tuple[int, ...]) -> int:
-    return math.prod(shape)

@@ -120,8 +120,6 @@ def test_same_params_as_the_transformers_loader(case):
     assert_same_params(case.pretrained.params, load_transformers(case.root / "hf").params)
 
 
-@pytest.mark.xfail(strict=True, reason="weights_io.write_tensors: np.ascontiguousarray makes the 0-d logit_scale "
-                                        "shape (1,), which transformers refuses")
 def test_exports_a_directory_transformers_loads(case, tmp_path):
     save_transformers(case.pretrained, tmp_path / "exported")
     reloaded = transformers.CLIPModel.from_pretrained(tmp_path / "exported").eval()
