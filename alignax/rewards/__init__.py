@@ -1,0 +1,20 @@
+"""Rewards: `alignax.rewards.get(name, **kwargs) -> Reward`, scoring NHWC images in [0, 1].
+
+    reward = alignax.rewards.get("hpsv2", checkpoint=".../HPS_v2_compressed.pt", tokenizer=".../tokenizer")
+    batch = reward.prepare(prompts)                          # host: token ids, numpy
+    scores, info = jax.jit(reward.apply)(reward.params, images, batch)
+    scores, info = reward(images, batch)                     # same, params closed over
+
+Importing this package registers every reward.
+"""
+
+from alignax.rewards import (
+    aesthetic,  # noqa: F401  (registers aesthetic)
+    clip_score,  # noqa: F401  (registers clip_score)
+    hpsv2,  # noqa: F401  (registers hpsv2, hpsv2.1)
+    pickscore,  # noqa: F401  (registers pickscore)
+    toy,  # noqa: F401  (registers brightness, channel_mean)
+)
+from alignax.rewards.base import REGISTRY, Reward, get, register
+
+__all__ = ["REGISTRY", "Reward", "get", "register"]

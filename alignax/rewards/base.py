@@ -1,0 +1,116 @@
+"""The `Reward` object and the registry `alignax.rewards.get` dispatches through.
+
+A reward is a pure function of (params, images, batch) plus the params themselves, kept
+apart so that a 1B-param scorer enters `jax.jit` as an argument (sharded by its logical
+axis names) instead of being baked into the executable as constants. Tokenisation is host
+work: `prepare(prompts)` runs in the data pipeline and returns numpy arrays for the batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import numpy as np
+
+from alignax.errors import ConfigError, DataError
+
+PyTree = Any
+Batch = Mapping[str, Any]
+ScoreFn = Callable[[PyTree, jax.Array, Batch], tuple[jax.Array, dict[str, jax.Array]]]
+
+
+def _no_text(prompts: list[str]) -> dict[str, np.ndarray]:
+    return {}
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Reward:
+    """A differentiable (unless flagged) scorer of NHWC images in [0, 1]; higher is better.
+
+    name: the registry name; also the prefix of every batch key the reward reads.
+    score_fn: pure and jit-able `(params, images, batch) -> (scores[B], info)`.
+    params: plain pytree of weights (empty for toy rewards).
+    specs: logical PartitionSpecs with the structure of `params`.
+    tokenize: host-side `prompts -> {batch key: np.ndarray}`.
+    range: what values the scores take, in words.
+    preprocessing: how images are brought to the scorer's input, in words.
+    """
+
+    name: str
+    score_fn: ScoreFn
+    params: PyTree = dataclasses.field(default_factory=dict)
+    specs: PyTree = dataclasses.field(default_factory=dict)
+    tokenize: Callable[[list[str]], dict[str, np.ndarray]] = _no_text
+    differentiable: bool = True
+    higher_is_better: bool = True
+    range: str = ""
+    preprocessing: str = ""
+
+    def apply(self, params: PyTree, images: jax.Array, batch: Batch) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """Pure: scores[B] and an info dict of per-image diagnostics."""
+        if images.ndim != 4 or images.shape[-1] != 3:
+            raise DataError(f"reward {self.name!r}: images must be NHWC with 3 channels, found shape {images.shape}")
+        return self.score_fn(params, images, batch)
+
+    def __call__(self, images: jax.Array, batch: Batch | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """DESIGN.md's `reward(images, batch)`; under jit prefer `apply` so params stay arguments."""
+        return self.apply(self.params, images, batch or {})
+
+    def prepare(self, prompts: list[str]) -> dict[str, np.ndarray]:
+        """Host-side inputs (token ids) for `batch`, under keys prefixed by `name + '/'`."""
+        return self.tokenize(list(prompts))
+
+    def logical_specs(self) -> PyTree:
+        """Logical axis names ('embed', 'heads', 'mlp', ...) of every param, for sharding over the mesh."""
+        return self.specs
+
+
+def batch_key(reward_name: str, field: str) -> str:
+    """Batch keys are namespaced per reward: two scorers may tokenise the same prompt differently."""
+    return f"{reward_name}/{field}"
+
+
+def take(batch: Batch, reward_name: str, field: str) -> Any:
+    key = batch_key(reward_name, field)
+    if key not in batch:
+        raise DataError(f"reward {reward_name!r}: batch has no {key!r} (found {sorted(batch)}); "
+                        f"fill it with reward.prepare(prompts)")
+    return batch[key]
+
+
+REGISTRY: dict[str, Callable[..., Reward]] = {}
+
+
+def register(*names: str) -> Callable[[Callable[..., Reward]], Callable[..., Reward]]:
+    """Registers a factory `(name, **kwargs) -> Reward` under one or more reward names."""
+    def decorator(factory: Callable[..., Reward]) -> Callable[..., Reward]:
+        for name in names:
+            if name in REGISTRY:
+                raise ValueError(f"reward {name!r} is registered twice")
+            REGISTRY[name] = factory
+        return factory
+    return decorator
+
+
+def get(name: str, **kwargs: Any) -> Reward:
+    """Builds the reward registered as `name`; kwargs are its checkpoint paths and options."""
+    if name not in REGISTRY:
+        raise ConfigError(f"unknown reward {name!r}; alignax knows {sorted(REGISTRY)}")
+    factory = REGISTRY[name]
+    try:
+        inspect.signature(factory).bind(name, **kwargs)
+    except TypeError as e:
+        accepted = [p for p in inspect.signature(factory).parameters if p != "name"]
+        raise ConfigError(f"reward {name!r}: {e}; it accepts {accepted}") from e
+    return factory(name, **kwargs)
+
+
+def require_path(value: Any, reward_name: str, kwarg: str, expected: str) -> str:
+    """A path kwarg must be given; whether it exists is checked by the loader, which names it."""
+    if value is None:
+        raise ConfigError(f"reward {reward_name!r} needs {kwarg}=<{expected}>")
+    return str(value)
