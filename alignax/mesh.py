@@ -85,3 +85,22 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def shard_params(params: Any, logical_specs: Any, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Any:
     """Places an existing params pytree on the mesh according to its logical specs."""
     return jax.device_put(params, logical_shardings(logical_specs, mesh, rules))
+
+
+def _fit_spec(spec: PartitionSpec, shape: Sequence[int], mesh: Mesh) -> PartitionSpec:
+    """Drops mesh axes from dims they do not divide (a 3-channel conv, an odd vocab), so a rule
+    written for big models never makes a small tensor unshardable; that dim is replicated."""
+    fitted = []
+    for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec)), strict=True):
+        names = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+        size = math.prod(mesh.shape[n] for n in names)
+        fitted.append(axes if size and dim % size == 0 else None)
+    return PartitionSpec(*fitted)
+
+
+def fitted_shardings(logical_specs: Any, shapes: Any, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Any:
+    """Like `logical_shardings`, but each sharding is fitted to its array's shape (see `_fit_spec`)."""
+    def one(spec, leaf):
+        mesh_spec = nn.logical_to_mesh_axes(tuple(spec), tuple(rules))
+        return NamedSharding(mesh, _fit_spec(mesh_spec, leaf.shape, mesh))
+    return jax.tree.map(one, logical_specs, shapes, is_leaf=lambda x: isinstance(x, PartitionSpec))

@@ -1,0 +1,150 @@
+"""The config schema: every key a run may set, its default and its type, plus validation.
+
+Experiment configs (`experiments/configs/*.py`) start from `base_config()` and override
+fields, big_vision style. `validate` runs before anything is compiled or loaded and raises
+`ConfigError` naming the field: a typo in a config file must fail in a second, not after
+an hour of compilation. Objective-specific fields live in `config.objective` and their
+defaults come from the objective registry, so each objective owns its own knobs.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import ml_collections
+
+from alignax import mesh as mesh_lib
+from alignax.errors import ConfigError
+
+# A tiny MM-DiT and VAE: the defaults used when no pretrained weights are given.
+TINY_TRANSFORMER = dict(sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8,
+                        num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16,
+                        pooled_projection_dim=16, out_channels=4, pos_embed_max_size=8,
+                        dual_attention_layers=(), qk_norm=None)
+TINY_VAE = dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 8), layers_per_block=1,
+                latent_channels=4, norm_num_groups=4, sample_size=32, scaling_factor=1.5305, shift_factor=0.0609,
+                use_quant_conv=False, use_post_quant_conv=False, mid_block_add_attention=False)
+
+# Fields whose value may legitimately be any mapping (reward settings, model config dicts).
+FREE_FORM = ("rewards", "objective", "model.transformer", "model.vae", "pareto.weights", "pareto.normalization",
+             "pareto.ideal")
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.total_steps = 1000
+    c.batch_size = 8                 # global, over all processes
+    c.grad_accum_steps = 1           # micro-batches per step, accumulated inside the compiled step
+    c.log_every = 10
+    c.checkpoint_every = 100
+    c.keep_checkpoints = 3
+    c.eval_every = 0                 # sample-grid cadence; 0 disables
+    c.max_nonfinite_steps = 5        # consecutive skipped (NaN/Inf) steps before halting
+
+    c.mesh = ml_collections.ConfigDict(dict(
+        shape=(-1, 1, 1), axes=mesh_lib.DEFAULT_AXES,
+        rules=tuple((name, axes) for name, axes in mesh_lib.DEFAULT_RULES)))
+
+    c.model = ml_collections.ConfigDict(dict(
+        pretrained="",               # diffusers pipeline root (transformer/, vae/) or transformer directory
+        transformer=dict(TINY_TRANSFORMER),
+        vae_pretrained="",           # overrides the pipeline's vae/ when set
+        vae=dict(TINY_VAE),
+        compute_dtype="float32",
+        attention="xla",
+        scan_layers=False,
+        remat="none",
+    ))
+
+    c.data = ml_collections.ConfigDict(dict(path="", generate="", split="train", eval_split="eval", shuffle=True))
+
+    c.optim = ml_collections.ConfigDict(dict(
+        learning_rate=1e-4, warmup_steps=0, schedule="constant", end_lr_fraction=0.0,
+        b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, grad_clip_norm=1.0, frozen=(), lr_mults=()))
+
+    c.lora = ml_collections.ConfigDict(dict(enabled=False, rank=8, alpha=8.0, targets=()))
+    c.ema = ml_collections.ConfigDict(dict(enabled=False, decay=0.999, every=1))
+
+    c.objective = ml_collections.ConfigDict(dict(name="sft"))
+    c.rewards = ml_collections.ConfigDict()
+    c.pareto = ml_collections.ConfigDict(dict(weights=ml_collections.ConfigDict(), scalarization="weighted_sum",
+                                              normalization=ml_collections.ConfigDict(),
+                                              ideal=ml_collections.ConfigDict()))
+
+    c.sample = ml_collections.ConfigDict(dict(num_steps=10, shift=3.0, guidance_scale=1.0, num_images=4))
+    return c
+
+
+def _is_free_form(path: str, free_form: Sequence[str]) -> bool:
+    return any(path == f or path.startswith(f + ".") for f in free_form)
+
+
+def _type_ok(default: Any, value: Any) -> bool:
+    if default is None or value is None:
+        return True
+    if isinstance(default, bool) or isinstance(value, bool):
+        return isinstance(default, bool) and isinstance(value, bool)
+    if isinstance(default, float):
+        return isinstance(value, int | float)
+    if isinstance(default, Sequence) and not isinstance(default, str):
+        return isinstance(value, Sequence) and not isinstance(value, str)
+    return isinstance(value, type(default))
+
+
+def check_against(schema: Mapping[str, Any], config: Mapping[str, Any], prefix: str = "config",
+                  free_form: Sequence[str] = ()) -> None:
+    """Unknown keys and wrong types, recursively; free-form subtrees are checked by their owners."""
+    for key, value in config.items():
+        path = f"{prefix}.{key}"
+        if key not in schema:
+            raise ConfigError(f"{path}: unknown key; {prefix} accepts {sorted(schema)}")
+        default = schema[key]
+        if _is_free_form(path.removeprefix("config."), free_form):
+            continue
+        if isinstance(default, Mapping):
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"{path}: expected a mapping, found {type(value).__name__} {value!r}")
+            check_against(default, value, path, free_form)
+        elif not _type_ok(default, value):
+            raise ConfigError(f"{path}: expected {type(default).__name__}, found {type(value).__name__} {value!r}")
+
+
+def _positive(config: ml_collections.ConfigDict, *fields: str) -> None:
+    for field in fields:
+        value = config
+        for part in field.split("."):
+            value = value[part]
+        if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
+            raise ConfigError(f"config.{field}={value!r}: expected a positive number")
+
+
+def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) -> ml_collections.ConfigDict:
+    """Raises ConfigError naming the first bad field; returns the config for chaining."""
+    from alignax import objectives, reward_setup
+    from alignax.pareto import scalarize
+
+    check_against(base_config().to_dict(), config.to_dict(), free_form=FREE_FORM)
+    _positive(config, "total_steps", "batch_size", "grad_accum_steps", "log_every", "checkpoint_every",
+              "keep_checkpoints", "optim.learning_rate", "sample.num_steps")
+    if config.batch_size % config.grad_accum_steps:
+        raise ConfigError(f"config.batch_size={config.batch_size} is not divisible by "
+                          f"config.grad_accum_steps={config.grad_accum_steps}")
+    if len(config.mesh.shape) != len(config.mesh.axes):
+        raise ConfigError(f"config.mesh.shape={tuple(config.mesh.shape)} and config.mesh.axes="
+                          f"{tuple(config.mesh.axes)} differ in length")
+    if num_devices is not None:
+        shape = mesh_lib.resolve_shape(config.mesh.shape, num_devices)
+        batch_shards = math.prod(s for s, a in zip(shape, config.mesh.axes, strict=True) if a in ("data", "fsdp"))
+        if (config.batch_size // config.grad_accum_steps) % batch_shards:
+            raise ConfigError(f"config.batch_size={config.batch_size} (per micro-batch "
+                              f"{config.batch_size // config.grad_accum_steps}) does not divide over the "
+                              f"{batch_shards} data×fsdp shards of config.mesh.shape={shape}")
+    objectives.validate_config(config.objective)
+    reward_setup.validate_config(config.rewards)
+    if config.rewards or config.pareto.weights:
+        scalarize.validate_weights(config.pareto.weights, list(config.rewards.keys()), field="config.pareto.weights")
+    return config

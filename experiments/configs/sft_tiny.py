@@ -1,0 +1,21 @@
+"""SFT (rectified flow) of a random tiny MM-DiT on the generated tiny world; ~20 steps on CPU.
+
+    python -m alignax.train --config=experiments/configs/sft_tiny.py --workdir=/tmp/alignax/sft_tiny
+    python -m alignax.train --config=experiments/configs/sft_tiny.py:lora ...   # LoRA + EMA variant
+"""
+
+from experiments.configs import common
+
+
+def get_config(arg: str = ""):
+    c = common.tiny_run(total_steps=20)
+    c.objective.name = "sft"
+    c.objective.sample_posterior = False  # the random tiny VAE's posterior std is ~1: train on its mean
+    if "lora" in arg.split(","):
+        c.lora.enabled = True
+        c.lora.rank = 4
+        c.lora.alpha = 4.0
+    if "ema" in arg.split(","):
+        c.ema.enabled = True
+        c.ema.decay = 0.9
+    return c
