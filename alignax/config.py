@@ -71,9 +71,10 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.objective = ml_collections.ConfigDict(dict(name="sft"))
     c.rewards = ml_collections.ConfigDict()
-    c.pareto = ml_collections.ConfigDict(dict(weights=ml_collections.ConfigDict(), scalarization="weighted_sum",
-                                              normalization=ml_collections.ConfigDict(),
-                                              ideal=ml_collections.ConfigDict()))
+    # weights: {reward instance: w} (or a sequence in sorted-name order); normalization: {instance: spec};
+    # ideal: {instance: z*} for Chebyshev (empty: a running ideal). See alignax/pareto.
+    c.pareto = ml_collections.ConfigDict(dict(weights=None, scalarization="weighted_sum", normalization=None,
+                                              ideal=None))
 
     c.sample = ml_collections.ConfigDict(dict(num_steps=10, shift=3.0, guidance_scale=1.0, num_images=4))
     return c
@@ -125,7 +126,7 @@ def _positive(config: ml_collections.ConfigDict, *fields: str) -> None:
 def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) -> ml_collections.ConfigDict:
     """Raises ConfigError naming the first bad field; returns the config for chaining."""
     from alignax import objectives, reward_setup
-    from alignax.pareto import scalarize
+    from alignax.pareto.scalarize import validate_weights  # the package re-exports a function named `scalarize`
 
     check_against(base_config().to_dict(), config.to_dict(), free_form=FREE_FORM)
     _positive(config, "total_steps", "batch_size", "grad_accum_steps", "log_every", "checkpoint_every",
@@ -146,5 +147,5 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     objectives.validate_config(config.objective)
     reward_setup.validate_config(config.rewards)
     if config.rewards or config.pareto.weights:
-        scalarize.validate_weights(config.pareto.weights, list(config.rewards.keys()), field="config.pareto.weights")
+        validate_weights(config.pareto.weights, list(config.rewards.keys()), field="config.pareto.weights")
     return config

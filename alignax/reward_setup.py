@@ -29,19 +29,26 @@ def validate_config(rewards_config: ml_collections.ConfigDict) -> None:
     from alignax import rewards
     for name, entry in rewards_config.items():
         kind, settings = _settings(name, entry)
-        factory = rewards.factory(kind) if hasattr(rewards, "factory") else None
-        if factory is None:
-            try:
-                rewards.get  # noqa: B018
-            except AttributeError as e:
-                raise ConfigError("alignax.rewards has no registry") from e
-            continue
-        params = inspect.signature(factory).parameters
+        if kind not in rewards.REGISTRY:
+            raise ConfigError(f"config.rewards.{name}: unknown reward kind {kind!r}; alignax knows "
+                              f"{sorted(rewards.REGISTRY)}")
+        params = inspect.signature(rewards.REGISTRY[kind]).parameters
         if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
             unknown = sorted(set(settings) - set(params))
             if unknown:
                 raise ConfigError(f"config.rewards.{name}: reward {kind!r} does not take {unknown}; "
                                   f"it takes {sorted(params)}")
+
+
+def prepare(rewards: Mapping[str, Any], host_batch: dict) -> dict:
+    """Adds each reward's host-side inputs (token ids of the batch's prompts) to the batch."""
+    if not rewards or "prompt" not in host_batch:
+        return host_batch
+    prompts = [str(p) for p in host_batch["prompt"]]
+    extra = {}
+    for reward in rewards.values():
+        extra.update(reward.prepare(prompts))
+    return {**host_batch, **extra}
 
 
 def build(rewards_config: ml_collections.ConfigDict) -> dict[str, Any]:

@@ -63,7 +63,7 @@ class Trainer:
         lora_spec = optim_lora_spec(config)
         scale, shift = model_setup.vae_scaling(vae_module)
         self.models = objectives.Models(transformer, vae_module, scale, shift, lora=lora_spec, rewards=rewards,
-                                        sample_config=config.sample)
+                                        sample_config=config.sample, pareto=config.pareto)
         self.objective = objectives.build(config.objective, self.models)
 
         root = jax.random.key(config.seed)
@@ -245,7 +245,9 @@ class Trainer:
                            shuffle=self.config.data.shuffle)
 
     def device_batch(self, host_batch: dict) -> dict:
-        """This process's rows → one global array per field, sharded over (data, fsdp). Strings stay home."""
+        """This process's rows → one global array per field, sharded over (data, fsdp). Strings stay
+        home; rewards first turn the prompts into the token ids they need."""
+        host_batch = reward_setup.prepare(self.models.rewards, host_batch)
         out = {}
         for key, value in host_batch.items():
             value = np.asarray(value)

@@ -40,6 +40,7 @@ class Models:
     lora: Any = None
     rewards: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     sample_config: ml_collections.ConfigDict | None = None
+    pareto: ml_collections.ConfigDict | None = None  # config.pareto: weight vector, scalarisation, normalisation
 
     def transformer_params(self, trainable: PyTree, frozen: PyTree) -> PyTree:
         """The MM-DiT params the forward pass uses: LoRA folded into the frozen base when on."""

@@ -57,3 +57,23 @@ def tree_max_rel_err(a, b) -> float:
     diff = max(float(np.abs(x - y).max()) for x, y in zip(a_leaves, b_leaves, strict=True))
     scale = max(float(np.abs(y).max()) for y in b_leaves)
     return diff / scale
+
+
+@pytest.fixture(scope="session")
+def pretrained_root(tmp_path_factory):
+    """A diffusers pipeline-style root (model_index.json, transformer/, vae/) of tiny random torch
+    models with the tiny-world sizes: the path a user passes as config.model.pretrained."""
+    import json
+
+    from diffusers import AutoencoderKL, SD3Transformer2DModel
+
+    from alignax import config as config_lib
+    from tests.reference_models import randomize_
+
+    root = tmp_path_factory.mktemp("pretrained")
+    transformer = randomize_(SD3Transformer2DModel(**config_lib.TINY_TRANSFORMER), seed=11)
+    transformer.save_pretrained(root / "transformer")
+    vae = randomize_(AutoencoderKL(**config_lib.TINY_VAE), seed=12, scale=0.1)
+    vae.save_pretrained(root / "vae")
+    (root / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusion3Pipeline"}))
+    return str(root)
