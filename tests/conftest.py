@@ -29,6 +29,7 @@ def _torch_threads():
 
 def pytest_addoption(parser):
     parser.addoption("--runslow", action="store_true", default=False, help="also run tests marked slow")
+    _add_parity_option(parser)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -38,3 +39,20 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+def _add_parity_option(parser):
+    parser.addoption("--parity-report", action="store_true", default=False,
+                     help="print the worst max relative error each test measured")
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    if not config.getoption("--parity-report"):
+        return
+    from tests.parity import MEASURED
+    worst: dict[str, float] = {}
+    for test, err in MEASURED:
+        worst[test] = max(err, worst.get(test, 0.0))
+    terminalreporter.section("parity: worst max relative error per test")
+    for test, err in sorted(worst.items()):
+        terminalreporter.write_line(f"{err:9.2e}  {test}")
