@@ -33,7 +33,9 @@ def main(argv: list[str]) -> int:
     from alignax import data_setup
     from alignax.trainer import Trainer
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    from absl import logging as absl_logging
+    absl_logging.set_verbosity(absl_logging.WARNING)  # orbax and tfds log every file at INFO
+    logging.getLogger("alignax").setLevel(logging.INFO)
     config = _CONFIG.value
     import jax
     config_lib.validate(config, jax.device_count())

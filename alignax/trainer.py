@@ -57,6 +57,7 @@ class Trainer:
         self.rules = tuple((name, tuple(axes) if isinstance(axes, list) else axes) for name, axes in config.mesh.rules)
         self.is_main = jax.process_index() == 0
         self._preempted = False
+        self._generate = None  # the jitted sampler of `sample_images`, built on first use
 
         t_src, transformer, v_src, vae_module = model_setup.build_modules(config.model)
         rewards = reward_setup.build(config.rewards)
@@ -358,9 +359,10 @@ class Trainer:
             latents = sampling.denoise(models.velocity_fn(params), noise, sigmas, context, pooled)
             return models.decode(frozen, latents)
 
+        if self._generate is None:
+            self._generate = jax.jit(generate)
         with jax.set_mesh(self.mesh):
-            return jax.jit(generate)(trainable, self.frozen, batch["encoder_hidden_states"],
-                                     batch["pooled_projections"])
+            return self._generate(trainable, self.frozen, batch["encoder_hidden_states"], batch["pooled_projections"])
 
     def write_samples(self, state: PyTree, writer, step: int) -> None:
         loader = self.make_loader(self.config.data.eval_split)

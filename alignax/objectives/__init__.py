@@ -47,5 +47,6 @@ def build(objective_config: ml_collections.ConfigDict, models: Models) -> Object
 
 
 from alignax.objectives import sft  # noqa: E402,F401  (registers)
+from alignax.objectives import reward_backprop  # noqa: E402,F401  (registers)
 
 __all__ = ["Models", "Objective", "ObjectiveSpec", "REGISTRY", "build", "get", "register", "validate_config"]

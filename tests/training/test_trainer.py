@@ -108,3 +108,25 @@ def test_sft_loss_falls_on_a_fixed_batch(tmp_path, tiny_world):
     # Measured: 1.78 → 1.24 after 100 steps (→ 0.98 after 300); the flow loss has a high floor on
     # 8 images because x0 is ambiguous from x_t at large t.
     assert final < 0.75 * initial, (initial, final)
+
+
+def test_nonfinite_steps_are_skipped_counted_and_halt(tmp_path, tiny_world):
+    from alignax import metrics as metrics_lib
+    from alignax.trainer import NonFiniteError
+    trainer = make_trainer(tmp_path, tiny_world, name="nan", max_nonfinite_steps=2)
+    host = trainer.make_loader().batch_at(0)
+    host["pooled_projections"] = np.full_like(host["pooled_projections"], np.nan)
+    batch = trainer.device_batch(host)
+    step = trainer.compile(batch)
+    state = trainer.initial_state()
+    before = jax.device_get(state["trainable"])
+    history = []
+    for _ in range(3):
+        state, m = step(state, trainer.frozen, batch)
+        history.append((int(state["step"]), m))
+    assert_trees_equal(state["trainable"], before)  # no NaN reached the params
+    assert int(state["nonfinite"]["total"]) == 3 and int(state["step"]) == 3
+    writer = metrics_lib.MetricsWriter(tmp_path / "nan_metrics", enabled=False)
+    progress = metrics_lib.ConsoleProgress(6, enabled=False)
+    with pytest.raises(NonFiniteError, match=r"step 3: 3 consecutive steps"):
+        trainer._report(history, writer, progress, 0.0, 0, 3)
