@@ -47,6 +47,8 @@ def build(objective_config: ml_collections.ConfigDict, models: Models) -> Object
 
 
 from alignax.objectives import sft  # noqa: E402,F401  (registers)
+from alignax.objectives import dpo  # noqa: E402,F401  (registers)
+from alignax.objectives import feature_align  # noqa: E402,F401  (registers)
 from alignax.objectives import reward_backprop  # noqa: E402,F401  (registers)
 
 __all__ = ["Models", "Objective", "ObjectiveSpec", "REGISTRY", "build", "get", "register", "validate_config"]
