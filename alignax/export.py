@@ -37,6 +37,16 @@ def _saved_run(workdir: Path, step: int | None) -> tuple[int, ml_collections.Con
     return step, config, checkpointer.restore_on_one_device(step)  # exports are single-host jobs
 
 
+def lora_base(config: ml_collections.ConfigDict, t_src: model_setup.ModelSource, transformer: Any) -> Any:
+    """The frozen MM-DiT base a LoRA run trained on, on this process's first device: the pretrained
+    weights, or the random init recreated from the seed exactly as the trainer made it."""
+    mesh = mesh_lib.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+    root = jax.random.key(config.seed)
+    base, _ = model_setup.load_params_sharded(t_src, transformer, jax.random.fold_in(root, 1), mesh,
+                                              mesh_lib.DEFAULT_RULES)  # as the trainer created it
+    return base
+
+
 def export(workdir: str | Path, out: str | Path, *, step: int | None = None, ema: bool = False,
            lora_mode: str = "merge", dtype: Any = None) -> Path:
     """Writes the chosen checkpoint as diffusers weights; returns `out`."""
@@ -57,10 +67,7 @@ def export(workdir: str | Path, out: str | Path, *, step: int | None = None, ema
 
     from alignax import lora
     spec = lora.LoraSpec.from_config(config.lora)
-    mesh = mesh_lib.make_mesh((1, 1, 1), devices=jax.devices()[:1])
-    root = jax.random.key(config.seed)
-    base, _ = model_setup.load_params_sharded(t_src, transformer, jax.random.fold_in(root, 1), mesh,
-                                              mesh_lib.DEFAULT_RULES)  # as the trainer created it
+    base = lora_base(config, t_src, transformer)
     adapter = trainable["transformer"]
     if lora_mode == "merge":
         params = jax.device_get(lora.merge(base, adapter, spec))

@@ -1,0 +1,151 @@
+"""Where a sweep's runs execute: a registry of backends by name ('local', 'tpu_vm').
+
+A backend turns resolved runs into commands and, unless it is a dry run, executes them.
+Every backend builds the same `python -m alignax.train --config=... --config.k=v --workdir=...`
+argument list (`train_argv`), so a run means the same thing wherever it goes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from alignax.errors import ConfigError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """One resolved run: its name, flat {dotted config key: value} overrides and its workdir."""
+
+    name: str
+    overrides: dict[str, Any]
+    workdir: str
+
+
+def flag_value(value: Any) -> str:
+    """The text `ml_collections.config_flags` parses back to `value` (str stays raw, the rest is repr)."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bool | int | float | tuple | list) or value is None:
+        return repr(tuple(value) if isinstance(value, list) else value)
+    raise ConfigError(f"override value {value!r}: expected str, bool, int, float, tuple or list, "
+                      f"found {type(value).__name__}")
+
+
+def override_flags(overrides: dict[str, Any]) -> list[str]:
+    return [f"--config.{key}={flag_value(value)}" for key, value in overrides.items()]
+
+
+def train_argv(config: str, run: Run, python: str = "python") -> list[str]:
+    return [python, "-m", "alignax.train", f"--config={config}", *override_flags(run.overrides),
+            f"--workdir={run.workdir}"]
+
+
+class LocalBackend:
+    """Subprocesses on this machine, `parallel` at a time; each run logs to WORKDIR/train.log."""
+
+    name = "local"
+
+    def __init__(self, *, parallel: int = 1, num_devices: int | None = None, **unused: Any):
+        if parallel < 1:
+            raise ConfigError(f"--parallel={parallel}: expected ≥ 1")
+        self.parallel = parallel
+        self._num_devices = num_devices
+
+    def num_devices(self) -> int:
+        """Devices a run will see; probed in a child process so this process never claims an accelerator."""
+        if self._num_devices is None:
+            out = subprocess.run([sys.executable, "-c", "import jax; print(jax.device_count())"],
+                                 capture_output=True, text=True, check=True, cwd=REPO_ROOT)
+            self._num_devices = int(out.stdout.strip().splitlines()[-1])
+        return self._num_devices
+
+    def config_path(self, config: str) -> str:
+        path, sep, arg = config.partition(":")
+        return str(Path(path).absolute()) + sep + arg  # children run from the repo root
+
+    def argv(self, config: str, run: Run) -> list[str]:
+        return train_argv(self.config_path(config), run, python=sys.executable)
+
+    def command(self, config: str, run: Run) -> str:
+        return shlex.join(self.argv(config, run))
+
+    def execute(self, config: str, runs: Sequence[Run], log: Callable[[str], None] = print) -> dict[str, int]:
+        """Runs everything; returns {run name: exit code}."""
+        pending, active, codes = list(runs), {}, {}
+        while pending or active:
+            while pending and len(active) < self.parallel:
+                run = pending.pop(0)
+                Path(run.workdir).mkdir(parents=True, exist_ok=True)
+                log_file = open(Path(run.workdir) / "train.log", "ab")  # noqa: SIM115 (closed when the run ends)
+                process = subprocess.Popen(self.argv(config, run), stdout=log_file, stderr=subprocess.STDOUT,
+                                           cwd=REPO_ROOT)
+                active[run.name] = (process, log_file, time.monotonic())
+                log(f"[{run.name}] started (pid {process.pid}), log {Path(run.workdir) / 'train.log'}")
+            for name, (process, log_file, started) in list(active.items()):
+                if process.poll() is not None:
+                    log_file.close()
+                    codes[name] = process.returncode
+                    del active[name]
+                    status = "ok" if process.returncode == 0 else f"FAILED (exit {process.returncode})"
+                    log(f"[{name}] {status} after {time.monotonic() - started:.1f}s")
+            time.sleep(0.2)
+        return codes
+
+
+class TpuVmBackend:
+    """Runs on a Cloud TPU VM (all workers) through `gcloud compute tpus tpu-vm ssh`, one run at a time."""
+
+    name = "tpu_vm"
+
+    def __init__(self, *, tpu_name: str | None = None, zone: str | None = None, project: str | None = None,
+                 repo_dir: str = "~/alignax", python: str = "python3", num_devices: int | None = None,
+                 **unused: Any):
+        missing = [flag for flag, value in (("--tpu_name", tpu_name), ("--zone", zone)) if not value]
+        if missing:
+            raise ConfigError(f"--backend=tpu_vm needs {missing}")
+        self.tpu_name, self.zone, self.project = tpu_name, zone, project
+        self.repo_dir, self.python = repo_dir, python
+        self._num_devices = num_devices
+
+    def num_devices(self) -> int | None:
+        """The pod's device count from --num_devices; None skips the mesh-divisibility checks."""
+        return self._num_devices
+
+    def remote_command(self, config: str, run: Run) -> str:
+        repo = self.repo_dir if self.repo_dir.startswith("~") else shlex.quote(self.repo_dir)  # let ~ expand
+        return f"cd {repo} && {shlex.join(train_argv(config, run, python=self.python))}"
+
+    def argv(self, config: str, run: Run) -> list[str]:
+        argv = ["gcloud", "compute", "tpus", "tpu-vm", "ssh", self.tpu_name, f"--zone={self.zone}"]
+        if self.project:
+            argv.append(f"--project={self.project}")
+        return [*argv, "--worker=all", f"--command={self.remote_command(config, run)}"]
+
+    def command(self, config: str, run: Run) -> str:
+        return shlex.join(self.argv(config, run))
+
+    def execute(self, config: str, runs: Sequence[Run], log: Callable[[str], None] = print) -> dict[str, int]:
+        codes = {}
+        for run in runs:
+            log(f"[{run.name}] {self.command(config, run)}")
+            codes[run.name] = subprocess.run(self.argv(config, run), check=False).returncode
+            log(f"[{run.name}] exit {codes[run.name]}")
+        return codes
+
+
+BACKENDS: dict[str, type] = {"local": LocalBackend, "tpu_vm": TpuVmBackend}
+
+
+def get(name: str, **options: Any) -> Any:
+    if name not in BACKENDS:
+        raise ConfigError(f"--backend={name!r}: unknown; choose one of {sorted(BACKENDS)}")
+    return BACKENDS[name](**options)

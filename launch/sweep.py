@@ -1,0 +1,185 @@
+"""`python -m launch.sweep --sweep=experiments/sweeps/NAME.py[:ARG] --backend=local|tpu_vm [--dry_run]`.
+
+A sweep file defines `get_sweep(arg='')` returning either
+
+    {'config': 'experiments/configs/X.py[:ARG]',
+     'runs': [{'name': 'red_only', 'pareto.weights': {'red': 1.0, 'blue': 0.0}, 'seed': 0}, ...]}
+
+or just the list of runs, with the config in a module-level `CONFIG`. Each run's overrides
+become `--config.<dotted key>=<value>` flags (a dict value gives one flag per leaf). Every
+run's config is parsed by `ml_collections.config_flags` exactly as `alignax.train` will parse
+it, and validated for the target's device count, before anything starts: a typo in run 7
+fails the sweep in seconds, naming the run and the field. `ROOT/sweep.json` records the
+resolved runs; run NAME trains in `ROOT/NAME`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import ml_collections
+
+from alignax.errors import ConfigError
+from launch import backends
+
+NAME_KEY = "name"
+
+
+def load_sweep(spec: str) -> tuple[str, list[dict[str, Any]]]:
+    """(config spec, raw run dicts) from `path.py[:arg]`."""
+    path, _, arg = spec.partition(":")
+    if not Path(path).is_file():
+        raise ConfigError(f"--sweep={spec}: no file {path}")
+    module_spec = importlib.util.spec_from_file_location(f"_alignax_sweep_{Path(path).stem}", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    if not hasattr(module, "get_sweep"):
+        raise ConfigError(f"--sweep={spec}: {path} defines no get_sweep()")
+    sweep = module.get_sweep(arg) if arg else module.get_sweep()
+    if isinstance(sweep, Mapping):
+        config, runs = sweep.get("config"), sweep.get("runs")
+    else:
+        config, runs = getattr(module, "CONFIG", None), sweep
+    if not isinstance(config, str) or not config:
+        raise ConfigError(f"--sweep={spec}: expected get_sweep()['config'] (or a module-level CONFIG) naming a "
+                          f"config file, found {config!r}")
+    if not isinstance(runs, list | tuple) or not runs or not all(isinstance(r, Mapping) for r in runs):
+        raise ConfigError(f"--sweep={spec}: expected get_sweep()['runs'] to be a non-empty list of override dicts, "
+                          f"found {runs!r}")
+    return config, [dict(r) for r in runs]
+
+
+def flatten(overrides: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'pareto.weights': {'red': 1.0}} → {'pareto.weights.red': 1.0}: config_flags overrides leaves."""
+    flat = {}
+    for key, value in overrides.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, Mapping | ml_collections.ConfigDict):
+            flat.update(flatten(dict(value), dotted + "."))
+        else:
+            flat[dotted] = value
+    return flat
+
+
+def _default_name(index: int, overrides: dict[str, Any]) -> str:
+    parts = [f"{key.rsplit('.', 1)[-1]}={value}" for key, value in overrides.items()]
+    return "_".join([f"{index:02d}", *parts])[:100]
+
+
+def resolve_runs(raw_runs: list[dict[str, Any]], workdir_root: str) -> list[backends.Run]:
+    runs, seen = [], set()
+    for index, raw in enumerate(raw_runs):
+        raw = dict(raw)
+        overrides = flatten({k: v for k, v in raw.items() if k != NAME_KEY})
+        name = str(raw.get(NAME_KEY) or _default_name(index, overrides))
+        name = re.sub(r"_+", "_", re.sub(r"[^A-Za-z0-9._=+-]", "_", name)).strip("_")
+        if name in seen:
+            raise ConfigError(f"run {index} ({raw!r}): name {name!r} is used twice; give each run a unique 'name'")
+        seen.add(name)
+        for key, value in overrides.items():
+            backends.flag_value(value)  # ConfigError on values a flag cannot carry
+            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*", key):
+                raise ConfigError(f"run {name!r}: override key {key!r} is not a dotted config key")
+        runs.append(backends.Run(name, overrides, f"{workdir_root.rstrip('/')}/{name}"))
+    return runs
+
+
+def parse_config(config: str, run: backends.Run) -> ml_collections.ConfigDict:
+    """The run's config exactly as `alignax.train` will see it: the same config_flags parse of the same flags."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    argv = ["alignax.train", f"--config={config}", *backends.override_flags(run.overrides)]
+    flag_values = flags.FlagValues()
+    holder = config_flags.DEFINE_config_file("config", None, "", flag_values=flag_values, lock_config=True,
+                                             sys_argv=argv)
+    try:
+        flag_values(argv)
+        return holder.value
+    except Exception as e:  # absl/config_flags raise KeyError, flags.Error, ...; all mean a bad run
+        raise ConfigError(f"run {run.name!r}: {config} with {' '.join(argv[2:])} does not parse: "
+                          f"{type(e).__name__}: {e}") from e
+
+
+def validate_runs(config: str, runs: list[backends.Run], num_devices: int | None) -> None:
+    from alignax import config as config_lib
+    for run in runs:
+        try:
+            config_lib.validate(parse_config(config, run), num_devices)
+        except ConfigError as e:
+            message = str(e) if str(e).startswith(f"run {run.name!r}") else f"run {run.name!r}: {e}"
+            raise ConfigError(message) from e
+
+
+def write_manifest(root: str, sweep: str, config: str, backend: Any, runs: list[backends.Run],
+                   num_devices: int | None) -> Path | None:
+    if "://" in root:
+        return None  # a bucket: the runs themselves write there
+    path = Path(root) / "sweep.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    manifest = dict(sweep=sweep, config=config, backend=backend.name, workdir_root=root, num_devices=num_devices,
+                    runs=[dict(name=r.name, overrides=r.overrides, workdir=r.workdir,
+                               command=backend.command(config, r)) for r in runs])
+    path.write_text(json.dumps(manifest, indent=2) + "\n")
+    return path
+
+
+def launch(sweep: str, backend_name: str, *, workdir_root: str | None = None, dry_run: bool = False,
+           **backend_options: Any) -> int:
+    """Validates every run, writes ROOT/sweep.json, then prints (dry run) or executes; returns the exit code."""
+    config, raw_runs = load_sweep(sweep)
+    backend = backends.get(backend_name, **backend_options)
+    root = workdir_root or f"/tmp/alignax/sweeps/{Path(sweep.partition(':')[0]).stem}"
+    runs = resolve_runs(raw_runs, root)
+    num_devices = backend.num_devices()
+    validate_runs(config, runs, num_devices)
+    manifest = write_manifest(root, sweep, config, backend, runs, num_devices)
+    print(f"sweep {sweep}: {len(runs)} runs validated for {num_devices} devices; manifest {manifest}")
+    if dry_run:
+        for run in runs:
+            print(backend.command(config, run))
+        return 0
+    codes = backend.execute(config, runs)
+    failed = sorted(name for name, code in codes.items() if code != 0)
+    print(f"sweep {sweep}: {len(runs) - len(failed)}/{len(runs)} runs succeeded" +
+          (f"; failed: {failed}" if failed else ""))
+    return 1 if failed else 0
+
+
+def main(argv: list[str]) -> int:
+    from absl import flags
+    if len(argv) > 1:
+        raise ConfigError(f"unexpected arguments {argv[1:]}")
+    f = flags.FLAGS
+    try:
+        return launch(f.sweep, f.backend, workdir_root=f.workdir_root, dry_run=f.dry_run, parallel=f.parallel,
+                      num_devices=f.num_devices, tpu_name=f.tpu_name, zone=f.zone, project=f.project,
+                      repo_dir=f.repo_dir, python=f.python)
+    except ConfigError as e:
+        print(f"sweep {f.sweep}: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    from absl import app, flags
+
+    flags.DEFINE_string("sweep", None, "experiments/sweeps/NAME.py[:ARG] defining get_sweep()")
+    flags.DEFINE_enum("backend", "local", sorted(backends.BACKENDS), "where the runs execute")
+    flags.DEFINE_string("workdir_root", None, "run NAME trains in ROOT/NAME (default /tmp/alignax/sweeps/<sweep>)")
+    flags.DEFINE_bool("dry_run", False, "validate and print the commands, run nothing")
+    flags.DEFINE_integer("num_devices", None, "devices per run for validation (local: probed; tpu_vm: give it "
+                                              "to check batch/mesh divisibility)")
+    flags.DEFINE_integer("parallel", 1, "local: runs at a time")
+    flags.DEFINE_string("tpu_name", None, "tpu_vm: the TPU VM name")
+    flags.DEFINE_string("zone", None, "tpu_vm: its zone")
+    flags.DEFINE_string("project", None, "tpu_vm: its GCP project (default: gcloud's)")
+    flags.DEFINE_string("repo_dir", "~/alignax", "tpu_vm: the repository checkout on every worker")
+    flags.DEFINE_string("python", "python3", "tpu_vm: the Python on the workers")
+    flags.mark_flags_as_required(["sweep"])
+    app.run(main)
