@@ -348,21 +348,21 @@ class Trainer:
     # ---- samples ------------------------------------------------------------------------------
 
     def sample_images(self, trainable: PyTree, batch: dict, seed: int = 0) -> jax.Array:
-        """Images NHWC in [0, 1] from fixed noise, with the configured sampler settings."""
+        """Images NHWC in [0, 1] from the noise of `key(seed)`, with the configured sampler settings."""
         cfg = self.config.sample
         models = self.models
-
-        def generate(trainable, frozen, context, pooled):
-            params = models.transformer_params(trainable, frozen)
-            noise = jax.random.normal(jax.random.key(seed), models.latent_shape(context.shape[0]))
-            _, sigmas = sampling.flow_match_sigmas(cfg.num_steps, cfg.shift)
-            latents = sampling.denoise(models.velocity_fn(params), noise, sigmas, context, pooled)
-            return models.decode(frozen, latents)
-
         if self._generate is None:
+            def generate(trainable, frozen, context, pooled, key):
+                params = models.transformer_params(trainable, frozen)
+                noise = jax.random.normal(key, models.latent_shape(context.shape[0]))
+                _, sigmas = sampling.flow_match_sigmas(cfg.num_steps, cfg.shift)
+                latents = sampling.denoise(models.velocity_fn(params), noise, sigmas, context, pooled)
+                return models.decode(frozen, latents)
+
             self._generate = jax.jit(generate)
         with jax.set_mesh(self.mesh):
-            return self._generate(trainable, self.frozen, batch["encoder_hidden_states"], batch["pooled_projections"])
+            return self._generate(trainable, self.frozen, batch["encoder_hidden_states"], batch["pooled_projections"],
+                                  jax.random.key(seed))
 
     def write_samples(self, state: PyTree, writer, step: int) -> None:
         loader = self.make_loader(self.config.data.eval_split)
