@@ -12,6 +12,8 @@ penalty against the start model; `lora` trains LoRA adapters; `running` normalis
 by running statistics; `chebyshev` scalarises with the running ideal point.
 """
 
+import ml_collections
+
 from alignax.objectives import reward_backprop
 from experiments.configs import common
 
@@ -27,8 +29,7 @@ def get_config(arg: str = ""):
     c.sample.num_steps = 4
     c.rewards.red = dict(kind="channel_mean", channel=0)
     c.rewards.blue = dict(kind="channel_mean", channel=2)
-    c.pareto.weights.red = 0.5
-    c.pareto.weights.blue = 0.5
+    c.pareto.weights = ml_collections.ConfigDict(dict(red=0.5, blue=0.5))
     if "kl" in options:
         c.objective.kl_weight = 0.1
     if "lora" in options:
@@ -36,8 +37,8 @@ def get_config(arg: str = ""):
         c.lora.rank = 4
         c.lora.alpha = 4.0
     if "running" in options:
-        c.pareto.normalization.red = dict(method="running", momentum=0.9)
-        c.pareto.normalization.blue = dict(method="running", momentum=0.9)
+        c.pareto.normalization = ml_collections.ConfigDict(dict(red=dict(method="running", momentum=0.9),
+                                                                blue=dict(method="running", momentum=0.9)))
     if "chebyshev" in options:
         c.pareto.scalarization = "chebyshev"
     return c
