@@ -46,9 +46,7 @@ def build(objective_config: ml_collections.ConfigDict, models: Models) -> Object
     return get(merged.name).build(merged, models)
 
 
-from alignax.objectives import sft  # noqa: E402,F401  (registers)
-from alignax.objectives import dpo  # noqa: E402,F401  (registers)
-from alignax.objectives import feature_align  # noqa: E402,F401  (registers)
-from alignax.objectives import reward_backprop  # noqa: E402,F401  (registers)
+# Importing each objective registers it; they import `register` from above, so this comes last.
+from alignax.objectives import dpo, feature_align, reward_backprop, sft  # noqa: E402,F401
 
 __all__ = ["Models", "Objective", "ObjectiveSpec", "REGISTRY", "build", "get", "register", "validate_config"]
