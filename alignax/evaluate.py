@@ -92,7 +92,7 @@ def generate(ckpt: Checkpoint, prompts: dict[str, Any], seed: int, batch_size: i
 
     batch_size = batch_size or count
     chunks = []
-    with jax.set_mesh(ckpt.mesh):
+    with mesh_lib.use_mesh(ckpt.mesh):
         for start in range(0, count, batch_size):
             rows = slice(start, start + batch_size)
             chunks.append(np.asarray(sample(ckpt.transformer, ckpt.frozen, noise[rows],

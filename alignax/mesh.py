@@ -7,8 +7,9 @@ the parallelism layout is a config edit, never a model edit.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -76,6 +77,17 @@ def logical_shardings(logical_specs: Any, mesh: Mesh, rules: Rules = DEFAULT_RUL
 def logical_sharding(axes: Sequence[str | None], mesh: Mesh, rules: Rules = DEFAULT_RULES) -> NamedSharding:
     """One array's NamedSharding from its logical axis names, e.g. a batch ('activation_batch', None)."""
     return NamedSharding(mesh, nn.logical_to_mesh_axes(tuple(axes), tuple(rules)))
+
+
+@contextlib.contextmanager
+def use_mesh(mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Iterator[Mesh]:
+    """The mesh and its logical rules, together, for tracing sharded code.
+
+    Flax's `with_logical_constraint` reads the rules from this context; without them it is a
+    silent no-op, and the activation shardings the models declare never reach XLA.
+    """
+    with jax.set_mesh(mesh), nn.logical_axis_rules(tuple(rules)):
+        yield mesh
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

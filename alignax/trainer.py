@@ -60,6 +60,9 @@ class Trainer:
         self._generate = None  # the jitted sampler of `sample_images`, built on first use
 
         t_src, transformer, v_src, vae_module = model_setup.build_modules(config.model)
+        if config.lora.enabled and t_src.directory is None:
+            log.warning("LoRA on a randomly initialised MM-DiT: its adaLN-Zero gates and proj_out start at 0, so "
+                        "no gradient reaches the adapters; set config.model.pretrained to train a LoRA")
         rewards = reward_setup.build(config.rewards)
         lora_spec = optim_lora_spec(config)
         scale, shift = model_setup.vae_scaling(vae_module)
@@ -68,7 +71,7 @@ class Trainer:
         self.objective = objectives.build(config.objective, self.models)
 
         root = jax.random.key(config.seed)
-        with jax.set_mesh(self.mesh):
+        with mesh_lib.use_mesh(self.mesh, self.rules):
             base, base_specs = model_setup.load_params_sharded(t_src, transformer, jax.random.fold_in(root, 1),
                                                                self.mesh, self.rules)
             vae_params, vae_specs = model_setup.load_params_sharded(v_src, vae_module, jax.random.fold_in(root, 2),
@@ -154,7 +157,7 @@ class Trainer:
         self._base_for_init = base
 
     def initial_state(self) -> PyTree:
-        with jax.set_mesh(self.mesh):
+        with mesh_lib.use_mesh(self.mesh, self.rules):
             return self._make_state(self._base_for_init, self.frozen,
                                     jax.random.fold_in(jax.random.key(self.config.seed), 3))
 
@@ -219,8 +222,9 @@ class Trainer:
                    "finite": finite.astype(jnp.float32), "nonfinite_consecutive": consecutive}
         return new_state, metrics
 
-    def compile(self, example_batch: dict) -> Any:
-        """AOT-compiles the step for these batch shapes; logs FLOPs and memory."""
+    def traced_step(self, example_batch: dict) -> Any:
+        """The jitted step traced for these batch shapes (state donated; shardings explicit), under
+        the mesh and its logical rules so that activation constraints take effect."""
         batch_shapes = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=self.batch_sharding(v.ndim))
                         for k, v in example_batch.items()}
         state_shapes = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
@@ -229,8 +233,14 @@ class Trainer:
                                      self.frozen)
         step_fn = jax.jit(self.train_step, donate_argnums=(0,),
                           out_shardings=(self.state_shardings, NamedSharding(self.mesh, PartitionSpec())))
-        with jax.set_mesh(self.mesh):
-            compiled = step_fn.lower(state_shapes, frozen_shapes, batch_shapes).compile()
+        with mesh_lib.use_mesh(self.mesh, self.rules):
+            return step_fn.trace(state_shapes, frozen_shapes, batch_shapes)
+
+    def compile(self, example_batch: dict) -> Any:
+        """AOT-compiles the step for these batch shapes; logs FLOPs and memory."""
+        traced = self.traced_step(example_batch)
+        with mesh_lib.use_mesh(self.mesh, self.rules):
+            compiled = traced.lower().compile()
         self.compiled_stats = compiled_statistics(compiled)
         log.info("compiled train step: %s", self.compiled_stats)
         return compiled
@@ -267,7 +277,7 @@ class Trainer:
         checkpoint_lib.check_compatible(self.checkpointer.saved_config(step), self.config.to_dict(),
                                         self.checkpointer.directory)
         log.info("resuming from %s step %d", self.checkpointer.directory, step)
-        with jax.set_mesh(self.mesh):
+        with mesh_lib.use_mesh(self.mesh, self.rules):
             return self.checkpointer.restore(step, self.abstract_state, self.state_shardings)
 
     def save(self, state: PyTree) -> None:
@@ -315,7 +325,7 @@ class Trainer:
                     pending = []
                 if step % config.checkpoint_every == 0 or step == config.total_steps:
                     self.save(state)
-                if config.eval_every and step % config.eval_every == 0:
+                if config.eval_every and (step % config.eval_every == 0 or step == config.total_steps):
                     self.write_samples(state, writer, step)
                 if self._preemption_agreed():
                     self.save(state)
@@ -338,6 +348,10 @@ class Trainer:
                                      f"(config.max_nonfinite_steps={self.config.max_nonfinite_steps})")
         now = time.perf_counter()
         steps_per_second = (step - tick_step) / max(now - tick, 1e-9)
+        # Every step is written (a Pareto evaluation wants each reward's raw and normalised value
+        # per step); the device→host fetch still happens once per `log_every` window.
+        for (s, _), values in zip(pending[:-1], fetched[:-1], strict=True):
+            writer.scalars(s, values)
         last = {k: float(v) for k, v in fetched[-1].items()}
         last["steps_per_second"] = steps_per_second
         last["examples_per_second_per_device"] = steps_per_second * self.config.batch_size / jax.device_count()
@@ -360,7 +374,7 @@ class Trainer:
                 return models.decode(frozen, latents)
 
             self._generate = jax.jit(generate)
-        with jax.set_mesh(self.mesh):
+        with mesh_lib.use_mesh(self.mesh, self.rules):
             return self._generate(trainable, self.frozen, batch["encoder_hidden_states"], batch["pooled_projections"],
                                   jax.random.key(seed))
 

@@ -49,6 +49,13 @@ def register(registry: dict[str, Architecture], architecture: Architecture) -> A
     return architecture
 
 
+def strip_boxes(boxed: PyTree) -> PyTree:
+    """Logical-axis boxes → plain arrays, applying no sharding constraint: callers place params
+    with explicit shardings, and a constraint outside `jit` (under `eval_shape`) fails on a mesh."""
+    is_box = lambda x: isinstance(x, nn.meta.AxisMetadata)  # noqa: E731
+    return jax.tree.map(lambda x: x.value if is_box(x) else x, boxed, is_leaf=is_box)
+
+
 def _boxed_init(architecture: Architecture, module: nn.Module, rng: jax.Array) -> PyTree:
     args, kwargs = architecture.dummy_inputs(module)
     init = functools.partial(module.init, method=architecture.init_method) if architecture.init_method else module.init
@@ -59,12 +66,12 @@ def abstract_params(architecture: Architecture, module: nn.Module) -> tuple[PyTr
     """(param ShapeDtypeStructs, logical PartitionSpecs) without allocating anything."""
     boxed = jax.eval_shape(functools.partial(_boxed_init, architecture, module), jax.random.key(0))
     specs = nn.get_partition_spec(boxed)
-    return nn.meta.unbox(boxed), specs
+    return strip_boxes(boxed), specs
 
 
 def init_params(architecture: Architecture, module: nn.Module, rng: jax.Array) -> PyTree:
     """Random params as a plain pytree (logical-axis boxes removed)."""
-    return nn.meta.unbox(jax.jit(functools.partial(_boxed_init, architecture, module))(rng))
+    return strip_boxes(jax.jit(functools.partial(_boxed_init, architecture, module))(rng))
 
 
 @dataclasses.dataclass(frozen=True)

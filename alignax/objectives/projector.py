@@ -13,6 +13,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from alignax.models import pretrained
+
 PyTree = Any
 
 
@@ -44,7 +46,7 @@ def init_heads(rng: jax.Array, names: Mapping[str, Sequence[str]], in_width: int
         params[group], specs[group] = {}, {}
         for m, name in enumerate(members):
             boxed = head.init(jax.random.fold_in(jax.random.fold_in(rng, g), m), jnp.zeros((1, in_width)))["params"]
-            params[group][name] = nn.meta.unbox(boxed)
+            params[group][name] = pretrained.strip_boxes(boxed)
             specs[group][name] = nn.get_partition_spec(boxed)
     return params, specs
 
