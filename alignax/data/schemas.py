@@ -107,7 +107,13 @@ _PROMPT = Field(STRING, doc="the caption or prompt text")
 CAPTIONED_IMAGES = RecordSchema(
     name="captioned_images",
     required={"image": _IMAGE, "prompt": _PROMPT, "encoder_hidden_states": _HIDDEN, "pooled_projections": _POOLED},
-    optional={"latents": Field("float32", (None, None, None), doc="pre-encoded VAE latents, NHWC [h, w, C]")},
+    optional={
+        "latents": Field("float32", (None, None, None), doc="pre-encoded VAE latents, NHWC [h, w, C]"),
+        # Frozen SigLIP 2 targets for `feature_align` (alignax.data.siglip_targets writes them).
+        "siglip_text_embeds": Field("float32", (None,), doc="SigLIP text embedding of the caption [D]"),
+        "siglip_image_embeds": Field("float32", (None,), doc="SigLIP pooled image embedding [D]"),
+        "siglip_patch_embeds": Field("float32", (None, None), doc="SigLIP patch features [N, D], N a square grid"),
+    },
     doc="Images with captions and their text conditioning, for supervised fine-tuning.",
 )
 
@@ -125,7 +131,13 @@ PREFERENCE_PAIRS = RecordSchema(
         "image_1": _IMAGE,
         "label_0": Field("float32", (), doc="1.0 if image_0 is preferred, 0.0 if image_1, 0.5 for a tie"),
     },
-    optional={"encoder_hidden_states": _HIDDEN, "pooled_projections": _POOLED},
+    optional={
+        "encoder_hidden_states": _HIDDEN,
+        "pooled_projections": _POOLED,
+        # Pre-encoded VAE latents: `dpo` then skips the VAE encoder (both or neither).
+        "latents_0": Field("float32", (None, None, None), doc="VAE latents of image_0, NHWC [h, w, C]"),
+        "latents_1": Field("float32", (None, None, None), doc="VAE latents of image_1, NHWC [h, w, C]"),
+    },
     doc="Two images for one prompt and which one people preferred (Pick-a-Pic style).",
 )
 

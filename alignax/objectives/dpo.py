@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from alignax.errors import ConfigError
+from alignax.errors import ConfigError, DataError
 from alignax.objectives import base, flow_matching, register
 
 DEFAULTS = dict(beta=1000.0, timestep_sampling="logit_normal", logit_mean=0.0, logit_std=1.0,
@@ -64,6 +64,9 @@ def masked_mean(values: jax.Array, weight: jax.Array) -> jax.Array:
 def pair_latents(models: base.Models, frozen: Any, batch: dict, rng: jax.Array | None
                  ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """(x0 winner, x0 loser, weight): pre-encoded `latents_0/1` or VAE latents of `image_0/1`."""
+    if ("latents_0" in batch) != ("latents_1" in batch):
+        raise DataError(f"preference pairs carry only one of latents_0/latents_1 (batch has {sorted(batch)}); "
+                        "pre-encode both images or neither")
     if "latents_0" in batch:
         winner, loser, weight = winner_loser(batch, "latents")
         return winner.astype(jnp.float32), loser.astype(jnp.float32), weight

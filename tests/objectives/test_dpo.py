@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from alignax.errors import DataError
 from alignax.objectives import dpo
 from tests.training.conftest import assert_trees_equal, tiny_world  # noqa: F401  (session fixture)
 from tests.training.test_trainer import make_trainer
@@ -161,3 +162,32 @@ def test_dpo_runs_sharded_and_resumes_exactly(tmp_path, tiny_world):  # noqa: F8
     reference = resumed.state["objective"]["reference"]["transformer"]["transformer_blocks.0"]["attn"]["to_q"]
     reference = reference["kernel"]
     assert reference.sharding.shard_shape(reference.shape) != reference.shape  # sharded like the params
+
+
+def test_pre_encoded_latents_give_the_image_path_loss(setup, tmp_path):
+    """A preference-pairs dataset that carries latents_0/1 (the VAE means of its images) is accepted by the
+    schema, skips the encoder, and gives the loss of the image path (sample_posterior=False)."""
+    from alignax import data
+    trainer, _ = setup
+    source = data.open_dataset(f"{trainer.config.data.path}/preference_pairs", "train")
+    examples = [source[i] for i in range(len(source))]
+    encode = jax.jit(lambda images: trainer.models.encode(trainer.frozen, images.astype(jnp.float32) / 255.0, None))
+    for side in ("0", "1"):
+        latents = np.asarray(encode(jnp.stack([e[f"image_{side}"] for e in examples])))
+        for example, latent in zip(examples, latents, strict=True):
+            example[f"latents_{side}"] = latent
+    data.write_preference_pairs(tmp_path / "pairs", examples)
+    with_latents = data.open_dataset(str(tmp_path / "pairs"), "train")
+    loader = data.Loader(with_latents, global_batch_size=trainer.config.batch_size, seed=trainer.config.seed)
+    batch = trainer.device_batch(loader.batch_at(0))
+    assert {"latents_0", "latents_1"} <= set(batch)
+    images_only = {k: v for k, v in batch.items() if not k.startswith("latents_")}
+    trainable = perturbed(jax.device_get(trainer.initial_state()["trainable"]))
+    loss = jax.jit(trainer.objective.loss)
+    from_latents, _ = loss(trainable, trainer.frozen, {}, batch, jax.random.key(3))
+    from_images, _ = loss(trainable, trainer.frozen, {}, images_only, jax.random.key(3))
+    np.testing.assert_allclose(float(from_latents), float(from_images), rtol=1e-5)
+
+    one_side = {k: v for k, v in batch.items() if k != "latents_1"}
+    with pytest.raises(DataError, match="latents_0/latents_1"):
+        loss(trainable, trainer.frozen, {}, one_side, jax.random.key(3))
