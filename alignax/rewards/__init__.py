@@ -13,7 +13,7 @@ from alignax.rewards import (
     clip_score,  # noqa: F401  (registers clip_score)
     hpsv2,  # noqa: F401  (registers hpsv2, hpsv2.1)
     pickscore,  # noqa: F401  (registers pickscore)
-    toy,  # noqa: F401  (registers brightness, channel_mean)
+    toy,  # noqa: F401  (registers brightness, channel_mean, channel_share)
 )
 from alignax.rewards.base import REGISTRY, Reward, get, register
 

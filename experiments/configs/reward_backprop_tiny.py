@@ -1,6 +1,7 @@
 """Reward backpropagation on a random tiny MM-DiT with two conflicting toy rewards; ~20 steps on CPU.
 
-Red (`channel_mean`, channel 0) against blue (channel 2): the weight vector picks the trade-off.
+Red share against blue share of each pixel (`channel_share`, channels 0 and 2): a real conflict, as
+no image maximises both, so the weight vector picks a point on the trade-off.
 
     python -m alignax.train --config=experiments/configs/reward_backprop_tiny.py --workdir=/tmp/alignax/rb_tiny
     python -m alignax.train --config=experiments/configs/reward_backprop_tiny.py:draft_k ...   # any mode name
@@ -27,8 +28,8 @@ def get_config(arg: str = ""):
     c.objective.k_max = 3
     c.objective.lv_n = 2
     c.sample.num_steps = 4
-    c.rewards.red = dict(kind="channel_mean", channel=0)
-    c.rewards.blue = dict(kind="channel_mean", channel=2)
+    c.rewards.red = dict(kind="channel_share", channel=0)
+    c.rewards.blue = dict(kind="channel_share", channel=2)
     c.pareto.weights = ml_collections.ConfigDict(dict(red=0.5, blue=0.5))
     if "kl" in options:
         c.objective.kl_weight = 0.1
