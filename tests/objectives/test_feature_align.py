@@ -12,6 +12,7 @@ from safetensors import safe_open
 from alignax import objectives
 from alignax.errors import DataError
 from alignax.objectives import feature_align
+from tests.parity import max_rel_err
 from tests.training.conftest import assert_trees_equal, tiny_world  # noqa: F401  (session fixture)
 from tests.training.test_trainer import make_trainer
 
@@ -126,25 +127,39 @@ def test_lambda_zero_equals_sft_exactly(setup):
     assert float(aligned["align_loss"]) > 0
 
 
-def test_heads_are_absent_from_the_diffusers_export(setup, tmp_path):
+def test_heads_are_absent_from_the_diffusers_export(tmp_path, tiny_world):  # noqa: F811
+    """A feature_align run, exported by the `alignax.export` CLI as users run it: exactly diffusers' own
+    parameter names (nothing of the heads), loaded by diffusers unchanged, equal to the trained MM-DiT."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
     from diffusers import SD3Transformer2DModel
 
-    from alignax.models import mmdit, save_diffusers
-    from alignax.models.pretrained import Pretrained
-    trainer, _ = setup
-    trainable = jax.device_get(trainer.initial_state()["trainable"])
-    assert set(trainable) == {"transformer", "heads"} and jax.tree.leaves(trainable["heads"])
-    config = dict(trainer.config.model.transformer.to_dict())
-    exported = save_diffusers(Pretrained(trainer.models.transformer, trainable["transformer"], config,
-                                         mmdit.ARCHITECTURE), tmp_path / "export")
+    from tests import reference_models as ref
+    trainer = make_trainer(tmp_path, tiny_world, name="fa_run", total_steps=2, checkpoint_every=2, **ALIGN)
+    state = trainer.run().state
+    assert jax.tree.leaves(state["trainable"]["heads"])
+    repo = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(repo), "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    done = subprocess.run([sys.executable, "-m", "alignax.export", f"--workdir={tmp_path / 'fa_run'}",
+                           f"--out={tmp_path / 'export'}"], cwd=repo, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
     keys = set()
-    for path in exported.glob("*.safetensors"):
+    for path in (tmp_path / "export").glob("*.safetensors"):
         with safe_open(str(path), "np") as f:
             keys |= set(f.keys())
-    expected = set(SD3Transformer2DModel(**config).state_dict())
-    assert keys == expected  # exactly diffusers' own parameter names: nothing of the heads
-    assert not [k for k in keys if "fc1" in k or "fc2" in k or "heads" in k]
-    SD3Transformer2DModel.from_pretrained(exported)  # and diffusers loads it unchanged
+    config = dict(trainer.config.model.transformer.to_dict())
+    assert keys == set(SD3Transformer2DModel(**config).state_dict())
+    torch_model = SD3Transformer2DModel.from_pretrained(tmp_path / "export").eval()
+    inputs = ref.transformer_inputs(config)
+    params = jax.device_get(state["trainable"]["transformer"])
+    ours = trainer.models.transformer.apply({"params": params}, *(jnp.asarray(inputs[k]) for k in (
+        "hidden_states", "timestep", "encoder_hidden_states", "pooled_projections")))
+    theirs = ref.run_torch_transformer(torch_model, inputs)
+    assert max_rel_err(np.asarray(ours), theirs) <= 1e-5
 
 
 def test_alignment_loss_falls_on_a_fixed_batch(setup):
