@@ -9,7 +9,7 @@ from alignax.data.builders import WRITERS, write_captioned_images, write_prefere
 from alignax.data.loader import Loader, stack_records
 from alignax.data.preference_sources import from_pairs_directory, from_pick_a_pic_parquet
 from alignax.data.schemas import CAPTIONED_IMAGES, PREFERENCE_PAIRS, PROMPTS, SCHEMAS, Field, RecordSchema, get_schema
-from alignax.data.source import Source, open_dataset
+from alignax.data.source import Source, dataset_splits, open_dataset
 from alignax.data.tiny_world import TinyWorld, build_tiny_world
 from alignax.data.toy_text_encoder import ToyTextEncoder
 from alignax.data.writer import write_dataset
@@ -27,6 +27,7 @@ __all__ = [
     "TinyWorld",
     "ToyTextEncoder",
     "build_tiny_world",
+    "dataset_splits",
     "from_pairs_directory",
     "from_pick_a_pic_parquet",
     "get_schema",

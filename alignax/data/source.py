@@ -109,6 +109,16 @@ def open_dataset(path: str, split: str = "train", *, kind: str | None = None) ->
     return source
 
 
+def dataset_splits(path: str) -> list[str]:
+    """The split names of the dataset directory `path` (as `open_dataset` resolves it), sorted."""
+    builder_dir = _builder_dir(os.fspath(path))
+    try:
+        builder = tfds.builder_from_directory(builder_dir)
+    except Exception as err:
+        raise DataError(f"dataset {builder_dir}: cannot read its TFDS metadata: {err}") from err
+    return sorted(builder.info.splits.keys())
+
+
 def _builder_dir(path: str) -> str:
     if not os.path.isdir(path):
         raise DataError(f"dataset directory {path} does not exist")
