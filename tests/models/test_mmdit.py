@@ -1,5 +1,6 @@
 """MM-DiT parity with diffusers' SD3Transformer2DModel (fp32, max relative error <= 1e-5)."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -78,7 +79,25 @@ def test_scan_and_remat_do_not_change_outputs(sd35, runtime):
     torch_model, path = sd35
     inputs = ref.transformer_inputs(ref.SD35_TINY)
     expected = ref.run_torch_transformer(torch_model, inputs)
-    assert max_rel_err(_alignax(load_diffusers(path, **runtime), inputs), expected) <= TOL
+    model = load_diffusers(path, **runtime)
+    assert max_rel_err(_alignax(model, inputs), expected) <= TOL
+    # ... and they really are in the program, not silently skipped.
+    args = [jnp.asarray(inputs[k]) for k in ("hidden_states", "timestep", "encoder_hidden_states",
+                                             "pooled_projections")]
+    primitives = _primitives(jax.make_jaxpr(lambda p, *a: model.replace(params=p)(*a))(model.params, *args).jaxpr)
+    assert ("scan" in primitives) == bool(runtime.get("scan_layers"))
+    assert ("remat2" in primitives or "checkpoint" in primitives) == bool(runtime.get("remat"))
+
+
+def _primitives(jaxpr) -> set[str]:
+    names = set()
+    for eqn in jaxpr.eqns:
+        names.add(eqn.primitive.name)
+        for param in eqn.params.values():
+            inner = getattr(param, "jaxpr", param)
+            if hasattr(inner, "eqns"):
+                names |= _primitives(inner)
+    return names
 
 
 def test_pos_embed_matches_diffusers_buffer(sd3):

@@ -121,15 +121,6 @@ def test_latent_dist_and_reconstruction_match_diffusers(sd3_pair):
     assert max(errs) <= TOL
 
 
-def test_nhwc_methods_are_the_nchw_ones_transposed(sd3_pair):
-    ref, model, size = sd3_pair
-    x, z = _images(ref, size), _latents(ref, size)
-    np.testing.assert_array_equal(model.encode_nhwc(jnp.asarray(x).transpose(0, 2, 3, 1)),
-                                  np.asarray(model.encode(jnp.asarray(x))).transpose(0, 2, 3, 1))
-    np.testing.assert_array_equal(model.decode_nhwc(jnp.asarray(z).transpose(0, 2, 3, 1)),
-                                  np.asarray(model.decode(jnp.asarray(z))).transpose(0, 2, 3, 1))
-
-
 def test_config_exposes_scaling_and_shift(sd3_pair):
     _, model, _ = sd3_pair
     assert (model.module.config.scaling_factor, model.module.config.shift_factor) == (1.5305, 0.0609)
