@@ -1,5 +1,11 @@
-"""open_clip checkpoints: a transformers CLIPModel re-keyed into open_clip's layout (open_clip itself needs
-torchvision, which does not install here) must load to the same model and outputs."""
+"""open_clip checkpoints.
+
+- Against open_clip's own model code (when open_clip is installed; it runs in a subprocess with a
+  torchvision stand-in, see open_clip_reference.py): a checkpoint its `CLIP` wrote loads to the same
+  features.
+- Always: a transformers CLIPModel re-keyed into open_clip's layout loads to the same model and outputs,
+  and the two loaders agree param for param.
+"""
 
 import argparse
 from types import SimpleNamespace
@@ -181,3 +187,31 @@ def test_named_configs_have_open_clips_param_counts(name, millions):
     with torch.device("meta"):
         model = transformers.CLIPModel(transformers.CLIPConfig(**config))
     assert round(sum(p.numel() for p in model.parameters()) / 1e6, 2) == millions
+
+
+@pytest.mark.parametrize("quick_gelu", [False, True], ids=["gelu", "quick_gelu"])
+def test_matches_open_clips_own_model_code(quick_gelu, tmp_path):
+    """A checkpoint written by open_clip's real `CLIP` (DDP `module.` prefix under `state_dict`, as HPSv2
+    ships) loads, and image features, text features and logit_scale equal open_clip's on the same inputs.
+    open_clip runs in a subprocess (tests/models/open_clip_reference.py explains why)."""
+    import importlib.util
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+    if importlib.util.find_spec("open_clip") is None:
+        pytest.skip("open_clip is not installed: pip install --no-deps open_clip_torch==3.3.0 ftfy==6.3.1 "
+                    "(its torchvision dependency does not load beside the CPU torch)")
+    script = Path(__file__).with_name("open_clip_reference.py")
+    model_cfg = {**MODEL_CONFIG, "quick_gelu": quick_gelu}
+    done = subprocess.run([sys.executable, str(script), str(tmp_path), json.dumps(MODEL_CONFIG)]
+                          + (["--quick_gelu"] if quick_gelu else []), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    reference = np.load(tmp_path / "outputs.npz")
+    model = load_open_clip(tmp_path / "open_clip.pt", model_config=model_cfg)
+    image = model.get_image_features(reference["pixels"])
+    text = model.get_text_features(reference["ids"])
+    errors = {"image": max_rel_err(image, reference["image"]), "text": max_rel_err(text, reference["text"])}
+    print(f"open_clip {reference['open_clip_version']} ({'quick_gelu' if quick_gelu else 'gelu'}): {errors}")
+    assert max(errors.values()) <= 1e-5, errors
+    np.testing.assert_allclose(float(model.params["logit_scale"]), float(reference["logit_scale"]), rtol=1e-6)
