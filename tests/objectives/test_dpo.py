@@ -9,7 +9,7 @@ import pytest
 
 from alignax.errors import DataError
 from alignax.objectives import dpo
-from tests.training.conftest import assert_trees_equal, tiny_world  # noqa: F401  (session fixture)
+from tests.training.conftest import assert_trees_equal, pretrained_root, tiny_world  # noqa: F401  (fixtures)
 from tests.training.test_trainer import make_trainer
 
 BETA = 100.0
@@ -191,3 +191,20 @@ def test_pre_encoded_latents_give_the_image_path_loss(setup, tmp_path):
     one_side = {k: v for k, v in batch.items() if k != "latents_1"}
     with pytest.raises(DataError, match="latents_0/latents_1"):
         loss(trainable, trainer.frozen, {}, one_side, jax.random.key(3))
+
+
+def test_lora_reference_is_the_base_with_lora_off(tmp_path, tiny_world, pretrained_root):  # noqa: F811
+    """With LoRA the reference is the frozen base with LoRA off, not a copy in `frozen`: log 2 at the start
+    (lora_B = 0), and after a few steps the loss leaves log 2, so the reference did not move with the adapter."""
+    trainer = make_trainer(tmp_path, tiny_world, name="dpo_lora", total_steps=3, **DPO, **{
+        "lora.enabled": True, "lora.rank": 2, "lora.alpha": 2.0, "optim.warmup_steps": 0,
+        "optim.learning_rate": 1e-2, "model.pretrained": pretrained_root})
+    assert "reference" not in trainer.frozen and "transformer_base" in trainer.frozen
+    batch = trainer.device_batch(trainer.make_loader().batch_at(0))
+    loss_fn = jax.jit(trainer.objective.loss)
+    start = trainer.initial_state()
+    loss, (metrics, _) = loss_fn(start["trainable"], trainer.frozen, {}, batch, jax.random.key(3))
+    assert float(loss) == np.float32(np.log(2.0)) and float(metrics["reward_margin"]) == 0.0
+    trained = trainer.run().state
+    loss, (metrics, _) = loss_fn(trained["trainable"], trainer.frozen, {}, batch, jax.random.key(3))
+    assert float(loss) != np.float32(np.log(2.0))  # the reference did not follow the trained adapter

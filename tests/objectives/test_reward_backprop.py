@@ -19,7 +19,7 @@ from alignax.errors import ConfigError
 from alignax.models import init_params
 from alignax.objectives import reward_backprop
 from tests.parity import max_rel_err as array_rel_err
-from tests.training.conftest import assert_trees_equal, tiny_world  # noqa: F401  (session fixture)
+from tests.training.conftest import assert_trees_equal, pretrained_root, tiny_world  # noqa: F401  (fixtures)
 
 NUM_STEPS = 4
 BATCH = 2
@@ -410,3 +410,17 @@ def test_weight_vectors_steer_the_trade_off_end_to_end(tmp_path, tiny_world, sft
     assert runs["red"]["red"] > runs["blue"]["red"]
     assert runs["blue"]["blue"] > runs["red"]["blue"]
     assert runs["red"]["red"] > 0 and runs["blue"]["blue"] > 0
+
+
+def test_lora_with_cfg_trains_through_the_sampler(tmp_path, tiny_world, pretrained_root):  # noqa: F811
+    """draft_k with classifier-free guidance inside the graph and LoRA adapters on a pretrained base: the
+    reward gradient reaches lora_B (exactly 0 at init) and the base stays bit-identical."""
+    trainer = trainer_for(tmp_path, tiny_world, "lora_cfg", arg="draft_k,lora", total_steps=2,
+                          **{"model.pretrained": pretrained_root, "sample.guidance_scale": 3.0,
+                             "optim.warmup_steps": 0, "optim.learning_rate": 1e-2})
+    base = jax.device_get(trainer.frozen["transformer_base"])
+    state = trainer.run().state
+    assert_trees_equal(trainer.frozen["transformer_base"], base)
+    lora_b = [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(jax.device_get(state["trainable"]))
+              if "lora_B" in str(path[-1])]
+    assert lora_b and sum(np.abs(leaf).max() > 0 for leaf in lora_b) > len(lora_b) // 2
