@@ -76,7 +76,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.pareto = ml_collections.ConfigDict(dict(weights=None, scalarization="weighted_sum", normalization=None,
                                               ideal=None))
 
-    c.sample = ml_collections.ConfigDict(dict(num_steps=10, shift=3.0, guidance_scale=1.0, num_images=4))
+    # negative_embeddings: an .npz of the encoded negative prompt for guidance (alignax/negative_prompt.py).
+    c.sample = ml_collections.ConfigDict(dict(num_steps=10, shift=3.0, guidance_scale=1.0, num_images=4,
+                                              negative_embeddings=""))
     return c
 
 

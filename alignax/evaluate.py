@@ -21,9 +21,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from alignax import data, data_setup, export, model_setup, objectives, reward_setup, sampling
+from alignax import data, data_setup, export, model_setup, negative_prompt, objectives, reward_setup, sampling
 from alignax import mesh as mesh_lib
 from alignax.errors import ConfigError, DataError
+from alignax.objectives import trajectory
 
 PyTree = Any
 CONDITIONING = ("encoder_hidden_states", "pooled_projections")
@@ -84,10 +85,15 @@ def generate(ckpt: Checkpoint, prompts: dict[str, Any], seed: int, batch_size: i
     count = len(prompts["prompt"])
     noise = jax.random.normal(jax.random.key(seed), models.latent_shape(count))
     _, sigmas = sampling.flow_match_sigmas(cfg.num_steps, cfg.shift)
+    negatives = negative_prompt.for_run(cfg, models.transformer.config)
+    conditioning = negative_prompt.guided({k: prompts[k] for k in CONDITIONING}, negatives, cfg.guidance_scale)
 
     @jax.jit
-    def sample(params, frozen, noise, context, pooled):
-        latents = sampling.denoise(models.velocity_fn(params), noise, sigmas, context, pooled)
+    def sample(params, frozen, noise, batch):
+        cond = trajectory.conditioning(batch, cfg.guidance_scale)
+        latents = sampling.denoise(models.velocity_fn(params), noise, sigmas, cond.context, cond.pooled,
+                                   guidance_scale=cond.guidance_scale, negative_context=cond.negative_context,
+                                   negative_pooled=cond.negative_pooled)
         return models.decode(frozen, latents)
 
     batch_size = batch_size or count
@@ -95,9 +101,8 @@ def generate(ckpt: Checkpoint, prompts: dict[str, Any], seed: int, batch_size: i
     with mesh_lib.use_mesh(ckpt.mesh):
         for start in range(0, count, batch_size):
             rows = slice(start, start + batch_size)
-            chunks.append(np.asarray(sample(ckpt.transformer, ckpt.frozen, noise[rows],
-                                            jnp.asarray(prompts["encoder_hidden_states"][rows]),
-                                            jnp.asarray(prompts["pooled_projections"][rows]))))
+            chunk = {k: jnp.asarray(v[rows]) for k, v in conditioning.items()}
+            chunks.append(np.asarray(sample(ckpt.transformer, ckpt.frozen, noise[rows], chunk)))
     return np.concatenate(chunks)
 
 

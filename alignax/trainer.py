@@ -27,8 +27,9 @@ from alignax import checkpoint as checkpoint_lib
 from alignax import config as config_lib
 from alignax import ema as ema_lib
 from alignax import mesh as mesh_lib
-from alignax import model_setup, objectives, optim, reward_setup, sampling, train_state
+from alignax import model_setup, negative_prompt, objectives, optim, reward_setup, sampling, train_state
 from alignax.errors import AlignaxError
+from alignax.objectives import trajectory
 
 log = logging.getLogger("alignax")
 PyTree = Any
@@ -66,6 +67,7 @@ class Trainer:
         rewards = reward_setup.build(config.rewards)
         lora_spec = optim_lora_spec(config)
         scale, shift = model_setup.vae_scaling(vae_module)
+        self.negatives = negative_prompt.for_run(config.sample, transformer.config)  # checked before compiling
         self.models = objectives.Models(transformer, vae_module, scale, shift, lora=lora_spec, rewards=rewards,
                                         sample_config=config.sample, pareto=config.pareto)
         self.objective = objectives.build(config.objective, self.models)
@@ -259,6 +261,7 @@ class Trainer:
         """This process's rows → one global array per field, sharded over (data, fsdp). Strings stay
         home; rewards first turn the prompts into the token ids they need."""
         host_batch = reward_setup.prepare(self.models.rewards, host_batch)
+        host_batch = negative_prompt.guided(host_batch, self.negatives, self.config.sample.guidance_scale)
         out = {}
         for key, value in host_batch.items():
             value = np.asarray(value)
@@ -362,27 +365,32 @@ class Trainer:
     # ---- samples ------------------------------------------------------------------------------
 
     def sample_images(self, trainable: PyTree, batch: dict, seed: int = 0) -> jax.Array:
-        """Images NHWC in [0, 1] from the noise of `key(seed)`, with the configured sampler settings."""
+        """Images NHWC in [0, 1] from the noise of `key(seed)`, with the configured sampler settings
+        (guidance against the batch's negative embeddings, or zeros, when guidance_scale != 1)."""
         cfg = self.config.sample
         models = self.models
         if self._generate is None:
-            def generate(trainable, frozen, context, pooled, key):
+            def generate(trainable, frozen, conditioning, key):
                 params = models.transformer_params(trainable, frozen)
-                noise = jax.random.normal(key, models.latent_shape(context.shape[0]))
+                cond = trajectory.conditioning(conditioning, cfg.guidance_scale)
+                noise = jax.random.normal(key, models.latent_shape(cond.context.shape[0]))
                 _, sigmas = sampling.flow_match_sigmas(cfg.num_steps, cfg.shift)
-                latents = sampling.denoise(models.velocity_fn(params), noise, sigmas, context, pooled)
+                latents = sampling.denoise(models.velocity_fn(params), noise, sigmas, cond.context, cond.pooled,
+                                           guidance_scale=cond.guidance_scale, negative_context=cond.negative_context,
+                                           negative_pooled=cond.negative_pooled)
                 return models.decode(frozen, latents)
 
             self._generate = jax.jit(generate)
         with mesh_lib.use_mesh(self.mesh, self.rules):
-            return self._generate(trainable, self.frozen, batch["encoder_hidden_states"], batch["pooled_projections"],
-                                  jax.random.key(seed))
+            return self._generate(trainable, self.frozen, dict(batch), jax.random.key(seed))
 
     def write_samples(self, state: PyTree, writer, step: int) -> None:
         loader = self.make_loader(self.config.data.eval_split)
         batch = loader.batch_at(0)
         count = min(self.config.sample.num_images, len(batch["encoder_hidden_states"]))
-        conditioning = {k: jnp.asarray(batch[k][:count]) for k in ("encoder_hidden_states", "pooled_projections")}
+        conditioning = {k: batch[k][:count] for k in ("encoder_hidden_states", "pooled_projections")}
+        conditioning = negative_prompt.guided(conditioning, self.negatives, self.config.sample.guidance_scale)
+        conditioning = {k: jnp.asarray(v) for k, v in conditioning.items()}
         trainable = state["ema"] if self.config.ema.enabled else state["trainable"]
         images = multihost_utils.process_allgather(self.sample_images(trainable, conditioning), tiled=True)
         writer.images(step, "samples", np.asarray(images))
