@@ -38,8 +38,9 @@ def test_sd35_runlocal_trains(tmp_path, tiny_world):  # noqa: F811
     from experiments.configs import sd35_reward_backprop
     config = sd35_reward_backprop.get_config("runlocal")
     config.data.generate, config.data.path = "", tiny_world
-    config.total_steps, config.eval_every, config.mesh.shape = 2, 0, (2, 2, 2)
-    trainer = Trainer(config, tmp_path / "run", mesh=mesh_lib.make_mesh((2, 2, 2)), async_checkpoints=False)
+    config.total_steps, config.eval_every, config.mesh.shape = 2, 0, (1, 1, 1)
+    trainer = Trainer(config, tmp_path / "run", mesh=mesh_lib.make_mesh((1, 1, 1), devices=jax.devices()[:1]),
+                      async_checkpoints=False)
     result = trainer.run()
     assert result.final_step == 2 and int(result.state["nonfinite"]["total"]) == 0
     assert set(result.state["objective"]) >= {"hps", "aesthetic"}  # running normalisation of both rewards

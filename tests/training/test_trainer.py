@@ -95,12 +95,9 @@ def test_grad_accumulation_equals_the_mean_of_micro_batch_gradients(tmp_path, ti
     batch = trainer.device_batch(trainer.make_loader().batch_at(0))
     state = trainer.initial_state()
     rng = jax.random.fold_in(jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), 0), 0)
-    grads = []
-    for i in range(2):
-        micro = {k: v[i::2] for k, v in batch.items()}
-        loss = lambda t, micro=micro, i=i: trainer.objective.loss(t, trainer.frozen, state["objective"], micro,  # noqa: E731
-                                                                   jax.random.fold_in(rng, i))[0]
-        grads.append(jax.jit(jax.grad(loss))(state["trainable"]))
+    grad = jax.jit(jax.grad(lambda t, micro, i: trainer.objective.loss(t, trainer.frozen, state["objective"], micro,
+                                                                       jax.random.fold_in(rng, i))[0]))
+    grads = [grad(state["trainable"], {k: v[i::2] for k, v in batch.items()}, i) for i in range(2)]
     mean = jax.tree.map(lambda a, b: (a + b) / 2, *grads)
     updates, _ = trainer.tx.update(mean, state["opt_state"], state["trainable"])
     expected = jax.device_get(optax.apply_updates(state["trainable"], updates))
