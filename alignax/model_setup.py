@@ -1,7 +1,8 @@
 """From `config.model` to Flax modules and their params: pretrained from diffusers, or random.
 
 `config.model.pretrained` may name a diffusers pipeline root (with `model_index.json`,
-`transformer/` and `vae/`) or a transformer directory; without it, the modules are built
+`transformer/` and `vae/`) or a transformer directory, local or remote (`gs://...`, mirrored
+once by `remote_weights`); without it, the modules are built
 from `config.model.transformer` / `config.model.vae` sizes and initialised from the seed.
 """
 
@@ -16,6 +17,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from alignax import mesh as mesh_lib
+from alignax import remote_weights
 from alignax.errors import ConfigError
 from alignax.models import diffusers_format, init_params, mmdit, pretrained, vae
 
@@ -35,6 +37,17 @@ class ModelSource:
 
 
 def _pipeline_subfolder(root: str, subfolder: str, field: str) -> Path:
+    if remote_weights.is_remote(root):  # mirror only the model asked for, not the whole pipeline
+        for candidate in (remote_weights.join(root, subfolder), root):  # mirrored already: no remote access
+            done = remote_weights.mirrored(candidate)
+            if done is not None and (done / "config.json").exists():
+                return done
+        pipeline = remote_weights.exists(remote_weights.join(root, "model_index.json"), field=field)
+        remote = remote_weights.join(root, subfolder) if pipeline else root
+        path = remote_weights.localize(remote, field=field)
+        if not (path / "config.json").exists():
+            raise ConfigError(f"{field}={root!r}: no diffusers config.json at {remote}")
+        return path
     path = Path(root)
     if (path / "model_index.json").exists():
         path = path / subfolder
@@ -43,11 +56,13 @@ def _pipeline_subfolder(root: str, subfolder: str, field: str) -> Path:
     return path
 
 
+def _is_vae(directory: Path) -> bool:
+    from alignax.models import weights_io
+    return weights_io.read_json(directory / "config.json").get("_class_name") == "AutoencoderKL"
+
+
 def transformer_source(model_config: ml_collections.ConfigDict) -> ModelSource:
     if model_config.pretrained:
-        if model_config.pretrained.startswith("gs://"):
-            raise ConfigError(f"config.model.pretrained={model_config.pretrained!r}: copy gs:// weights to local "
-                              "disk first (gsutil -m cp -r); reading buckets directly is not implemented")
         directory = _pipeline_subfolder(model_config.pretrained, "transformer", "config.model.pretrained")
         from alignax.models import weights_io
         return ModelSource(mmdit.ARCHITECTURE, weights_io.read_json(directory / "config.json"), directory)
@@ -61,7 +76,7 @@ def vae_source(model_config: ml_collections.ConfigDict) -> ModelSource:
     if root:
         field = "config.model.vae_pretrained" if model_config.vae_pretrained else "config.model.pretrained"
         directory = _pipeline_subfolder(root, "vae", field)
-        if model_config.pretrained and not model_config.vae_pretrained and directory.name != "vae":
+        if model_config.pretrained and not model_config.vae_pretrained and not _is_vae(directory):
             raise ConfigError(f"config.model.pretrained={root!r} is a transformer directory; set "
                               "config.model.vae_pretrained to the VAE directory")
         return ModelSource(arch, weights_io.read_json(directory / "config.json"), directory)
