@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
@@ -57,16 +58,17 @@ def load(path: str | os.PathLike, *, joint_attention_dim: int, pooled_projection
             FIELDS["pooled_projections"]: pooled.astype(np.float32)}
 
 
-def for_run(sample_config, transformer_config) -> dict[str, np.ndarray] | None:
+def for_run(sample_config: Any, transformer_config: Any) -> dict[str, np.ndarray] | None:
     """The run's negative embeddings, or None; warns when guidance would fall back to zeros."""
-    if not sample_config.negative_embeddings:
+    path = sample_config.get("negative_embeddings", "")  # absent from configs saved before it existed
+    if not path:
         if sample_config.guidance_scale != 1.0:
             logging.getLogger("alignax").warning(
                 "config.sample.guidance_scale=%s with no config.sample.negative_embeddings: guidance runs against "
                 "zero text embeddings, which is not what a real SD3 model was trained with (see "
                 "alignax/negative_prompt.py)", sample_config.guidance_scale)
         return None
-    return load(sample_config.negative_embeddings, joint_attention_dim=transformer_config.joint_attention_dim,
+    return load(path, joint_attention_dim=transformer_config.joint_attention_dim,
                 pooled_projection_dim=transformer_config.pooled_projection_dim)
 
 
