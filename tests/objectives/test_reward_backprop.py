@@ -346,6 +346,21 @@ def test_sharded_kill_and_resume_is_exact_with_running_normalisation(tmp_path, t
     assert kernel.sharding.shard_shape(kernel.shape) != kernel.shape  # really sharded
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["full", "draft_k", "draft_lv", "refl"])
+def test_every_mode_resumes_exactly_on_the_mesh(tmp_path, tiny_world, mode):  # noqa: F811
+    """The other modes, on the (2,2,2) mesh: 2 straight steps == 1 step, a new Trainer, 1 more (bit-exact).
+    Slow (about a minute per mode); random_k with running normalisation runs by default above."""
+    straight = trainer_for(tmp_path, tiny_world, f"{mode}_straight", (2, 2, 2), arg=mode, total_steps=2).run()
+    first = trainer_for(tmp_path, tiny_world, f"{mode}_resumed", (2, 2, 2), arg=mode, total_steps=2,
+                        checkpoint_every=1)
+    assert first.run(stop_after=1).final_step == 1 and first.checkpointer.latest_step() == 1
+    resumed = trainer_for(tmp_path, tiny_world, f"{mode}_resumed", (2, 2, 2), arg=mode, total_steps=2).run()
+    assert resumed.final_step == 2
+    for part in ("trainable", "opt_state", "step"):
+        assert_trees_equal(resumed.state[part], straight.state[part])
+
+
 def held_out_scores(trainer, trainable):
     """Mean score of each configured reward on images sampled from fixed held-out noise and eval prompts."""
     loader = trainer.make_loader(split=trainer.config.data.eval_split)
