@@ -18,14 +18,14 @@ from tests.parity import max_rel_err, to_numpy
 OUTPUTS = ["image", "patches", "text", "text_masked", "logits_per_image", "logits_per_text"]
 
 
-def tiny_config() -> transformers.SiglipConfig:
+def tiny_config(num_layers: int = 2, image_size: int = 30) -> transformers.SiglipConfig:
     # projection_size must equal the vision width for the logits, as in every released SigLIP.
     return transformers.SiglipConfig(
-        text_config=dict(vocab_size=99, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+        text_config=dict(vocab_size=99, hidden_size=32, intermediate_size=37, num_hidden_layers=num_layers,
                          num_attention_heads=4, max_position_embeddings=16, projection_size=48,
                          bos_token_id=0, eos_token_id=2, pad_token_id=1),
-        vision_config=dict(hidden_size=48, intermediate_size=53, num_hidden_layers=2, num_attention_heads=4,
-                           image_size=30, patch_size=10))
+        vision_config=dict(hidden_size=48, intermediate_size=53, num_hidden_layers=num_layers, num_attention_heads=4,
+                           image_size=image_size, patch_size=10))
 
 
 def run_all(pretrained, ids, mask, pixels):

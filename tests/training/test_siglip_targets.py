@@ -16,19 +16,14 @@ import transformers
 from alignax.data import dataset_splits, open_dataset, siglip_targets
 from alignax.errors import WeightsError
 from alignax.models import load_transformers
+from tests.models.test_siglip import tiny_config
 from tests.training.conftest import tiny_world  # noqa: F401  (session fixture)
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 def tiny_siglip_config() -> transformers.SiglipConfig:
-    # 40 px / patch 10 → a 4×4 patch grid, like the tiny MM-DiT's 4×4 token grid.
-    return transformers.SiglipConfig(
-        text_config=dict(vocab_size=99, hidden_size=32, intermediate_size=37, num_hidden_layers=1,
-                         num_attention_heads=4, max_position_embeddings=16, projection_size=48,
-                         bos_token_id=0, eos_token_id=2, pad_token_id=1),
-        vision_config=dict(hidden_size=48, intermediate_size=53, num_hidden_layers=1, num_attention_heads=4,
-                           image_size=40, patch_size=10))
+    return tiny_config(num_layers=1, image_size=40)  # 40 px / patch 10: the tiny MM-DiT's 4×4 token grid
 
 
 def save_word_tokenizer(directory: Path, captions: list[str]) -> None:
