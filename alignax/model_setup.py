@@ -56,11 +56,6 @@ def _pipeline_subfolder(root: str, subfolder: str, field: str) -> Path:
     return path
 
 
-def _is_vae(directory: Path) -> bool:
-    from alignax.models import weights_io
-    return weights_io.read_json(directory / "config.json").get("_class_name") == "AutoencoderKL"
-
-
 def transformer_source(model_config: ml_collections.ConfigDict) -> ModelSource:
     if model_config.pretrained:
         directory = _pipeline_subfolder(model_config.pretrained, "transformer", "config.model.pretrained")
@@ -76,10 +71,11 @@ def vae_source(model_config: ml_collections.ConfigDict) -> ModelSource:
     if root:
         field = "config.model.vae_pretrained" if model_config.vae_pretrained else "config.model.pretrained"
         directory = _pipeline_subfolder(root, "vae", field)
-        if model_config.pretrained and not model_config.vae_pretrained and not _is_vae(directory):
+        config = weights_io.read_json(directory / "config.json")
+        if model_config.pretrained and not model_config.vae_pretrained and config.get("_class_name") != arch.name:
             raise ConfigError(f"config.model.pretrained={root!r} is a transformer directory; set "
                               "config.model.vae_pretrained to the VAE directory")
-        return ModelSource(arch, weights_io.read_json(directory / "config.json"), directory)
+        return ModelSource(arch, config, directory)
     return ModelSource(arch, dict(model_config.vae.to_dict()), None)
 
 

@@ -66,7 +66,7 @@ def localize(url: str, *, field: str) -> Path:
     target = _mirror_path(url)
     if not fs.isdir(root):
         raise ConfigError(f"{field}={url!r}: not a directory")
-    files = [path for path in fs.find(root) if not fs.isdir(path)]
+    files = fs.find(root)  # files only: no per-file round trip to ask
     if not files:
         raise ConfigError(f"{field}={url!r}: the directory is empty")
     target.parent.mkdir(parents=True, exist_ok=True)

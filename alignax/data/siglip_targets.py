@@ -33,24 +33,34 @@ def siglip_pixels(images_uint8: np.ndarray, size: int) -> jax.Array:
     return preprocess.normalize_to_nchw(x, SIGLIP_MEAN, SIGLIP_STD)
 
 
+def targets_fn(siglip) -> Callable[[np.ndarray, np.ndarray], dict[str, np.ndarray]]:
+    """`(images uint8 NHWC, input_ids) -> targets`, one compiled program with one vision pass for both the
+    pooled and the patch features."""
+    size = siglip.module.config.vision.image_size
+
+    @jax.jit
+    def targets(params, images_uint8, input_ids):
+        apply = lambda method, *args: siglip.module.apply({"params": params}, *args, method=method)  # noqa: E731
+        patches, pooled = apply(lambda m, x: m.vision_model(x), siglip_pixels(images_uint8, size))
+        text = apply(lambda m, ids: m.get_text_features(ids), input_ids)
+        return {"siglip_text_embeds": text, "siglip_image_embeds": pooled, "siglip_patch_embeds": patches}
+
+    return lambda images, ids: jax.device_get(targets(siglip.params, jnp.asarray(images), jnp.asarray(ids)))
+
+
 def compute_targets(siglip, images_uint8: np.ndarray, input_ids: np.ndarray) -> dict[str, np.ndarray]:
     """{'siglip_text_embeds' [B, D], 'siglip_image_embeds' [B, D], 'siglip_patch_embeds' [B, N, D]}."""
-    size = siglip.module.config.vision.image_size
-    pixels = siglip_pixels(images_uint8, size)
-    return {
-        "siglip_text_embeds": np.asarray(siglip.get_text_features(jnp.asarray(input_ids))),
-        "siglip_image_embeds": np.asarray(siglip.get_image_features(pixels)),
-        "siglip_patch_embeds": np.asarray(siglip.get_image_patch_features(pixels)),
-    }
+    return targets_fn(siglip)(images_uint8, input_ids)
 
 
 def with_targets(examples: Iterable[dict], siglip, tokenize, batch_size: int = 32) -> Iterator[dict]:
     """Adds the three target fields to each captioned-image example; `tokenize(prompts) -> ids`."""
     chunk: list[dict] = []
+    compute = targets_fn(siglip)  # compiled once per chunk shape, not per call
 
     def flush():
         images = np.stack([e["image"] for e in chunk])
-        targets = compute_targets(siglip, images, tokenize([e["prompt"] for e in chunk]))
+        targets = compute(images, tokenize([e["prompt"] for e in chunk]))
         for i, example in enumerate(chunk):
             yield {**example, **{k: v[i] for k, v in targets.items()}}
 

@@ -76,14 +76,7 @@ def open_dataset(path: str, split: str = "train", *, kind: str | None = None) ->
     holding exactly one such directory below it (`<name>/<version>/`) is accepted too. Pass `kind`
     to insist on a dataset kind. Raises DataError naming the path on any mismatch.
     """
-    builder_dir = _builder_dir(os.fspath(path))
-    try:
-        builder = tfds.builder_from_directory(builder_dir)
-    except Exception as err:
-        raise DataError(
-            f"dataset {builder_dir}: cannot read its TFDS metadata (dataset_info.json, features.json): {err}"
-        ) from err
-
+    builder_dir, builder = _builder(path)
     schema = _schema_of(builder, builder_dir, kind)
     features = _stored_features(builder, builder_dir)
     _check_features(schema, features, builder_dir)
@@ -111,12 +104,17 @@ def open_dataset(path: str, split: str = "train", *, kind: str | None = None) ->
 
 def dataset_splits(path: str) -> list[str]:
     """The split names of the dataset directory `path` (as `open_dataset` resolves it), sorted."""
+    return sorted(_builder(path)[1].info.splits.keys())
+
+
+def _builder(path: str) -> tuple[str, tfds.core.DatasetBuilder]:
     builder_dir = _builder_dir(os.fspath(path))
     try:
-        builder = tfds.builder_from_directory(builder_dir)
+        return builder_dir, tfds.builder_from_directory(builder_dir)
     except Exception as err:
-        raise DataError(f"dataset {builder_dir}: cannot read its TFDS metadata: {err}") from err
-    return sorted(builder.info.splits.keys())
+        raise DataError(
+            f"dataset {builder_dir}: cannot read its TFDS metadata (dataset_info.json, features.json): {err}"
+        ) from err
 
 
 def _builder_dir(path: str) -> str:
