@@ -127,8 +127,9 @@ def _positive(config: ml_collections.ConfigDict, *fields: str) -> None:
 
 def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) -> ml_collections.ConfigDict:
     """Raises ConfigError naming the first bad field; returns the config for chaining."""
-    from alignax import objectives, reward_setup
+    from alignax import objectives
     from alignax.pareto.scalarize import validate_weights  # the package re-exports a function named `scalarize`
+    from alignax.rewards import setup as reward_setup
 
     check_against(base_config().to_dict(), config.to_dict(), free_form=FREE_FORM)
     _positive(config, "total_steps", "batch_size", "grad_accum_steps", "log_every", "checkpoint_every",

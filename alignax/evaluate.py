@@ -21,10 +21,14 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from alignax import data, data_setup, export, model_setup, negative_prompt, objectives, reward_setup, sampling
+from alignax import data, export, objectives, sampling
 from alignax import mesh as mesh_lib
+from alignax.conditioning import negative_prompt
+from alignax.data import setup as data_setup
 from alignax.errors import ConfigError, DataError
+from alignax.models import setup as model_setup
 from alignax.objectives import trajectory
+from alignax.rewards import setup as reward_setup
 
 PyTree = Any
 CONDITIONING = ("encoder_hidden_states", "pooled_projections")
@@ -56,7 +60,7 @@ def load(workdir: str | Path, *, step: int | None = None, ema: bool = False) -> 
     mesh = mesh_lib.make_mesh((1, 1, 1), devices=jax.devices()[:1])
     params = trainable["transformer"]
     if config.lora.enabled:
-        from alignax import lora
+        from alignax.training import lora
         params = lora.merge(export.lora_base(config, t_src, transformer), params,
                             lora.LoraSpec.from_config(config.lora))
     root = jax.random.key(config.seed)

@@ -16,11 +16,11 @@ from typing import Any
 import jax
 import ml_collections
 
-from alignax import checkpoint as checkpoint_lib
 from alignax import mesh as mesh_lib
-from alignax import model_setup
 from alignax.errors import ConfigError
 from alignax.models import Pretrained, save_diffusers
+from alignax.models import setup as model_setup
+from alignax.training import checkpoint as checkpoint_lib
 
 LORA_MODES = ("merge", "separate")
 
@@ -65,7 +65,7 @@ def export(workdir: str | Path, out: str | Path, *, step: int | None = None, ema
         save_diffusers(Pretrained(transformer, params, t_src.config, t_src.architecture), out, dtype=dtype)
         return out
 
-    from alignax import lora
+    from alignax.training import lora
     spec = lora.LoraSpec.from_config(config.lora)
     base = lora_base(config, t_src, transformer)
     adapter = trainable["transformer"]

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from alignax import remat as remat_lib
+from alignax.models import remat as remat_lib
 
 NUM_TRAIN_TIMESTEPS = 1000
 VelocityFn = Callable[[jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]

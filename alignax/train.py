@@ -31,7 +31,7 @@ def main(argv: list[str]) -> int:
     import jax
     from absl import logging as absl_logging
 
-    from alignax import distributed
+    from alignax.training import distributed
     if _CACHE.value and "JAX_COMPILATION_CACHE_DIR" not in os.environ:
         jax.config.update("jax_compilation_cache_dir", os.path.expanduser(_CACHE.value))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
@@ -40,8 +40,8 @@ def main(argv: list[str]) -> int:
                            num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
 
     from alignax import config as config_lib
-    from alignax import data_setup
-    from alignax.trainer import Trainer
+    from alignax.data import setup as data_setup
+    from alignax.training.trainer import Trainer
 
     absl_logging.set_verbosity(absl_logging.WARNING)  # orbax and tfds log every file at INFO
     logging.getLogger("alignax").setLevel(logging.INFO)

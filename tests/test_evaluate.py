@@ -13,7 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from alignax import data_setup, evaluate
+from alignax import evaluate
+from alignax.data import setup as data_setup
 from alignax.errors import ConfigError, DataError
 from alignax.pareto import report
 from tests.parity import max_rel_err
@@ -25,7 +26,7 @@ REPO = Path(__file__).resolve().parent.parent
 def trained_run(tmp_path_factory):
     """sft_tiny with red/blue channel_mean rewards, 2 steps; returns (workdir, trainer, final state, world)."""
     from alignax.data import build_tiny_world
-    from alignax.trainer import Trainer
+    from alignax.training.trainer import Trainer
     from experiments.configs import sft_tiny
 
     tmp = tmp_path_factory.mktemp("eval_run")

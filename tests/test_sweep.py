@@ -152,8 +152,9 @@ def test_local_backend_reports_failed_runs_with_logs(tmp_path, rewards_config, m
 def test_a_two_run_local_sweep_really_trains(tmp_path):
     """sft_tiny for 2 steps, twice, through the real CLI: the launcher's flags reach alignax.train.
     One CPU device per run and sequential runs, so the second run reuses the first's compilations."""
-    from alignax import checkpoint, data_setup
     from alignax.data import build_tiny_world
+    from alignax.data import setup as data_setup
+    from alignax.training import checkpoint
     from experiments.configs import sft_tiny
 
     world = tmp_path / "world"

@@ -18,8 +18,8 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from alignax import remat as remat_lib
 from alignax.models import layers
+from alignax.models import remat as remat_lib
 from alignax.models.pretrained import TRANSFORMERS, Architecture, register
 
 Dtype = Any
@@ -195,7 +195,7 @@ class EncoderLayer(nn.Module):
 
 
 class Encoder(nn.Module):
-    """`encoder.layers.N`; `remat` (an alignax.remat policy name) bounds activation memory in reward backprop."""
+    """`encoder.layers.N`; `remat` (an alignax.models.remat policy name) bounds activation memory in reward backprop."""
 
     config: EncoderConfig
     remat: str = "none"

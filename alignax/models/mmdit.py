@@ -21,8 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from alignax import remat
-from alignax.models import attention
+from alignax.models import attention, remat
 from alignax.models.layers import LayerNorm, Linear, RMSNorm
 from alignax.models.pretrained import DIFFUSERS, Architecture, register
 
@@ -80,7 +79,7 @@ class Runtime:
     compute_dtype: Dtype = jnp.float32  # params stay as stored; bf16 on TPU
     attention: str = "xla"              # key of alignax.models.attention.KERNELS
     scan_layers: bool = False           # lax.scan over runs of identical blocks
-    remat: str = "none"                 # alignax.remat policy name, applied per block
+    remat: str = "none"                 # alignax.models.remat policy name, applied per block
     precision: Any = None               # matmul precision, e.g. "highest" for parity on TPU
 
     def __post_init__(self):

@@ -15,8 +15,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from alignax import remat as remat_lib
 from alignax.models import layers
+from alignax.models import remat as remat_lib
 from alignax.models.clip import (
     MLP,
     ContrastiveOutput,

@@ -17,8 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from alignax import remat
-from alignax.models import attention
+from alignax.models import attention, remat
 from alignax.models.layers import Conv2d, Dtype, GroupNorm, Linear
 from alignax.models.pretrained import DIFFUSERS, Architecture, register
 
@@ -43,7 +42,7 @@ UP_BLOCK_TYPES = ("UpDecoderBlock2D",)
 
 
 def _maybe_remat(cls: type[nn.Module], policy: str) -> type[nn.Module]:
-    """`cls` under `nn.remat` with the named alignax.remat policy; param names are unchanged."""
+    """`cls` under `nn.remat` with the named alignax.models.remat policy; param names are unchanged."""
     return cls if remat.check(policy) == "none" else nn.remat(cls, policy=remat.POLICIES[policy])
 
 
@@ -311,7 +310,7 @@ class AutoencoderKL(nn.Module):
     config: VAEConfig
     dtype: Dtype = jnp.float32       # compute dtype; norms and softmax still run in fp32
     param_dtype: Dtype = jnp.float32
-    remat: str = "none"              # alignax.remat policy per down/mid/up block, for reward backprop
+    remat: str = "none"              # alignax.models.remat policy per down/mid/up block, for reward backprop
     attention: str = "xla"           # alignax.models.attention kernel of the mid-block attention
 
     def setup(self):

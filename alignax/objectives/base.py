@@ -30,7 +30,7 @@ class Models:
     """The networks of a run as pure functions of explicit params; built once from the config.
 
     transformer: the MM-DiT Flax module. vae: the AutoencoderKL module. lora: an
-    `alignax.lora.LoraSpec` when LoRA is on. rewards: configured rewards by name.
+    `alignax.training.lora.LoraSpec` when LoRA is on. rewards: configured rewards by name.
     """
 
     transformer: Any
@@ -46,7 +46,7 @@ class Models:
         """The MM-DiT params the forward pass uses: LoRA folded into the frozen base when on."""
         if self.lora is None:
             return trainable["transformer"]
-        from alignax import lora
+        from alignax.training import lora
         return lora.merge(frozen["transformer_base"], trainable["transformer"], self.lora)
 
     def reference_params(self, trainable: PyTree, frozen: PyTree) -> PyTree:

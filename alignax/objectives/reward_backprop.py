@@ -40,8 +40,8 @@ import jax.numpy as jnp
 import ml_collections
 
 from alignax import pareto, sampling
-from alignax import remat as remat_lib
 from alignax.errors import ConfigError
+from alignax.models import remat as remat_lib
 from alignax.objectives import base, register
 from alignax.objectives import trajectory as traj
 

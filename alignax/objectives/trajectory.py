@@ -29,8 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from alignax import remat as remat_lib
 from alignax import sampling
+from alignax.models import remat as remat_lib
 
 PyTree = Any
 # (params, x NHWC, timestep[B] in [0, 1000], context, pooled) -> velocity NHWC

@@ -22,8 +22,10 @@ import jax.numpy as jnp
 import ml_collections
 
 from alignax import config as config_lib
-from alignax import model_setup, objectives, reward_setup
+from alignax import objectives
 from alignax.models import init_params
+from alignax.models import setup as model_setup
+from alignax.rewards import setup as reward_setup
 
 MODES = {
     "full+remat": dict(mode="full", remat="full"),

@@ -35,9 +35,9 @@ import optax  # noqa: E402
 import torch  # noqa: E402
 
 from alignax import mesh as mesh_lib  # noqa: E402
-from alignax import train_state  # noqa: E402
 from alignax.models import attention, load_diffusers  # noqa: E402
 from alignax.objectives import flow_matching  # noqa: E402
+from alignax.training import train_state  # noqa: E402
 
 BATCH = 4
 TEXT_TOKENS = 77

@@ -1,15 +1,15 @@
 """Train a tiny random CLIP into a preference scorer on the generated tiny world's pairs (the preferred
 image is the more saturated one); a few hundred CPU steps take held-out accuracy from ~50% to >90%.
 
-    python -m alignax.train_reward --config=experiments/configs/reward_model_tiny.py --workdir=/tmp/alignax/rm
-    python -m alignax.train_reward --config=experiments/configs/reward_model_tiny.py:frozen_text ...
+    python -m alignax.reward_model.train --config=experiments/configs/reward_model_tiny.py --workdir=/tmp/alignax/rm
+    python -m alignax.reward_model.train --config=experiments/configs/reward_model_tiny.py:frozen_text ...
 
 For a real run, start from a downloaded CLIP and a Pick-a-Pic style dataset instead:
     --config.model.pretrained=/ckpt/CLIP-ViT-H-14-laion2B-s32B-b79K --config.data.generate=''
     --config.data.path=/data/pick_a_pic_v2 --config.preprocessing=hpsv2 ...
 """
 
-from alignax import train_reward
+from alignax.reward_model import train as train_reward
 
 
 def get_config(arg: str = ""):

@@ -14,10 +14,12 @@ import pytest
 
 from alignax import config as config_lib
 from alignax import mesh as mesh_lib
-from alignax import model_setup, objectives, reward_setup, sampling
+from alignax import objectives, sampling
 from alignax.errors import ConfigError
 from alignax.models import init_params
+from alignax.models import setup as model_setup
 from alignax.objectives import reward_backprop
+from alignax.rewards import setup as reward_setup
 from tests.parity import max_rel_err as array_rel_err
 from tests.training.conftest import assert_trees_equal, pretrained_root, tiny_world  # noqa: F401  (fixtures)
 
@@ -313,7 +315,7 @@ def test_memory_is_flat_in_steps_with_per_step_remat(world):
 # ---- through the Trainer ---------------------------------------------------------------------------------
 
 def trainer_for(tmp_path, world_root, name, mesh_shape=(1, 1, 1), arg="random_k,running", **overrides):
-    from alignax.trainer import Trainer
+    from alignax.training.trainer import Trainer
     from experiments.configs import reward_backprop_tiny
     c = reward_backprop_tiny.get_config(arg)
     c.total_steps, c.log_every, c.checkpoint_every, c.eval_every = 4, 1, 2, 0
@@ -387,7 +389,7 @@ def sft_pretrained(tmp_path_factory, tiny_world):  # noqa: F811
     directories: the start of the end-to-end trade-off, loaded back through `config.model.pretrained`."""
     from alignax import export
     from alignax.models import Pretrained, save_diffusers
-    from alignax.trainer import Trainer
+    from alignax.training.trainer import Trainer
     from tests.training.conftest import tiny_config
     root = tmp_path_factory.mktemp("sft_pretrained")
     c = tiny_config(total_steps=40, log_every=20, checkpoint_every=40)

@@ -1,4 +1,4 @@
-"""Training a preference scorer (alignax.train_reward): HPSv2's loss on hand numbers, held-out accuracy
+"""Training a preference scorer (alignax.reward_model.train): HPSv2's loss on hand numbers, held-out accuracy
 rising on the tiny world's saturation pairs, regex-frozen params, and the saved scorer read back by
 load_transformers, by transformers' own CLIPModel and by the `pickscore` reward."""
 
@@ -18,12 +18,13 @@ import torch
 import transformers
 
 import alignax.rewards
-from alignax import reward_training, train_reward
 from alignax.data import open_dataset
 from alignax.data.pairs_tokens import tiny_world_words, word_merges, write_word_tokenizer
 from alignax.errors import ConfigError
 from alignax.models import clip as clip_lib
 from alignax.models import init_params, load_transformers
+from alignax.reward_model import loss as reward_training
+from alignax.reward_model import train as train_reward
 from experiments.configs import reward_model_tiny
 from tests.parity import max_rel_err
 
@@ -189,7 +190,7 @@ def test_saved_scorer_reloads_with_the_same_scores(trained):
 
 def test_cli_runs_the_tiny_config(tmp_path):
     """The documented command, shortened: exits 0, logs held-out accuracy, writes a loadable scorer."""
-    command = [sys.executable, "-m", "alignax.train_reward",
+    command = [sys.executable, "-m", "alignax.reward_model.train",
                "--config=experiments/configs/reward_model_tiny.py:frozen_text", f"--workdir={tmp_path}",
                "--config.total_steps=2", "--config.eval_every=0", "--config.log_every=1"]
     # Same matmul precision as this process (tests/conftest.py), so the persistent compilation cache

@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from alignax import data_setup
+from alignax.data import setup as data_setup
 from experiments.configs import common
 
 

@@ -37,7 +37,7 @@ def metrics(workdir) -> list[dict]:
 
 
 def final_state(workdir, step):
-    from alignax.checkpoint import Checkpointer
+    from alignax.training.checkpoint import Checkpointer
     return Checkpointer(workdir, keep=100, async_save=False).restore_on_one_device(step)
 
 

@@ -13,7 +13,7 @@ import pytest
 from alignax import config as config_lib
 from alignax import mesh as mesh_lib
 from alignax.errors import AlignaxError
-from alignax.trainer import Trainer
+from alignax.training.trainer import Trainer
 from tests.training.conftest import tiny_world  # noqa: F401  (session fixture)
 
 CONFIGS = sorted(p.stem for p in (Path(__file__).resolve().parents[2] / "experiments" / "configs").glob("*.py")

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from alignax import mesh as mesh_lib
-from alignax.trainer import Trainer
+from alignax.training.trainer import Trainer
 from tests.training.conftest import assert_trees_equal, tiny_config, tree_max_rel_err
 
 
@@ -108,7 +108,7 @@ def test_grad_accumulation_equals_the_mean_of_micro_batch_gradients(tmp_path, ti
 
 
 def test_ema_follows_its_formula_and_interval():
-    from alignax import ema as ema_lib
+    from alignax.training import ema as ema_lib
     ema, params = {"w": np.full(3, 1.0, np.float32)}, {"w": np.full(3, 3.0, np.float32)}
     after = ema_lib.update(ema, params, np.int32(0), decay=0.75, every=1)
     np.testing.assert_allclose(after["w"], 0.75 * 1.0 + 0.25 * 3.0)
@@ -143,8 +143,8 @@ def test_sft_loss_falls_on_a_fixed_batch(tmp_path, tiny_world):
 
 
 def test_nonfinite_steps_are_skipped_counted_and_halt(tmp_path, tiny_world):
-    from alignax import metrics as metrics_lib
-    from alignax.trainer import NonFiniteError
+    from alignax.training import metrics as metrics_lib
+    from alignax.training.trainer import NonFiniteError
     trainer = make_trainer(tmp_path, tiny_world, name="nan", max_nonfinite_steps=2)
     host = trainer.make_loader().batch_at(0)
     host["pooled_projections"] = np.full_like(host["pooled_projections"], np.nan)

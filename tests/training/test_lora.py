@@ -9,10 +9,10 @@ import pytest
 from jax.sharding import PartitionSpec
 from safetensors import safe_open
 
-from alignax import lora
 from alignax.errors import ConfigError
 from alignax.models import abstract_params, load_diffusers, mmdit, save_diffusers
 from alignax.models.layers import Linear
+from alignax.training import lora
 from tests import reference_models as ref
 from tests.parity import max_rel_err
 

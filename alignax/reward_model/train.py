@@ -1,4 +1,4 @@
-"""`python -m alignax.train_reward --config=experiments/configs/reward_model_tiny.py --workdir=DIR`.
+"""`python -m alignax.reward_model.train --config=experiments/configs/reward_model_tiny.py --workdir=DIR`.
 
 Fine-tunes a CLIP into a preference scorer on (prompt, image_0, image_1, label_0) pairs with
 HPSv2's loss (alignax/reward_training.py), reports pairwise accuracy on the held-out split at
@@ -38,9 +38,10 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from alignax import config as config_lib
-from alignax import optim, reward_training
 from alignax.errors import ConfigError, WeightsError
+from alignax.reward_model import loss as reward_training
 from alignax.rewards import preprocess
+from alignax.training import optim
 
 PyTree = Any
 DATA_AXIS = "data"
@@ -223,7 +224,7 @@ def save_scorer(scorer: Scorer, params: PyTree, out_dir: str | os.PathLike) -> P
 
 def prepare_data(config: ml_collections.ConfigDict, workdir: Path) -> str:
     """The preference_pairs dataset directory, generating the tiny world first when asked to."""
-    from alignax.data_setup import dataset_path
+    from alignax.data.setup import dataset_path
 
     if not config.data.generate:
         return dataset_path(config.data, "preference_pairs")
@@ -267,10 +268,10 @@ def data_mesh(data_parallel: bool) -> Mesh:
 
 def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> RunResult:
     """Trains, evaluates and saves as described in the module docstring; returns the held-out history."""
-    from alignax.checkpoint import Checkpointer, check_compatible
     from alignax.data import Loader, open_dataset
     from alignax.data.pairs_tokens import pairs_for_scorer
-    from alignax.metrics import ConsoleProgress, MetricsWriter
+    from alignax.training.checkpoint import Checkpointer, check_compatible
+    from alignax.training.metrics import ConsoleProgress, MetricsWriter
 
     workdir = Path(workdir)
     config = validate(ml_collections.ConfigDict(config.to_dict()), jax.device_count())

@@ -17,9 +17,8 @@ import jax.numpy as jnp
 import ml_collections
 
 from alignax import mesh as mesh_lib
-from alignax import remote_weights
 from alignax.errors import ConfigError
-from alignax.models import diffusers_format, init_params, mmdit, pretrained, vae
+from alignax.models import diffusers_format, init_params, mmdit, pretrained, remote_weights, vae
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 

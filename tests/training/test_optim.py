@@ -9,9 +9,9 @@ import numpy as np
 import optax
 import pytest
 
-from alignax import optim
 from alignax.errors import ConfigError
 from alignax.models import abstract_params, mmdit
+from alignax.training import optim
 from tests.reference_models import SD3_TINY
 
 

@@ -21,7 +21,7 @@ GENERATORS = ("tiny_world",)
 
 def tiny_world_sizes(config: ml_collections.ConfigDict) -> dict:
     """Text-embedding and image sizes that fit the configured (random-init) model."""
-    from alignax import model_setup
+    from alignax.models import setup as model_setup
     _, transformer, _, vae_module = model_setup.build_modules(config.model)
     cfg = transformer.config
     return dict(image_size=cfg.sample_size * vae_module.config.downsample_factor,

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from alignax import config as config_lib
-from alignax import model_setup, remote_weights
 from alignax.errors import ConfigError
-from alignax.models import load_diffusers
+from alignax.models import load_diffusers, remote_weights
+from alignax.models import setup as model_setup
 from tests.training.conftest import pretrained_root  # noqa: F401  (session fixture)
 
 

@@ -23,13 +23,17 @@ import optax
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
-from alignax import checkpoint as checkpoint_lib
 from alignax import config as config_lib
-from alignax import ema as ema_lib
 from alignax import mesh as mesh_lib
-from alignax import model_setup, negative_prompt, objectives, optim, reward_setup, sampling, train_state
+from alignax import objectives, sampling
+from alignax.conditioning import negative_prompt
 from alignax.errors import AlignaxError
+from alignax.models import setup as model_setup
 from alignax.objectives import trajectory
+from alignax.rewards import setup as reward_setup
+from alignax.training import checkpoint as checkpoint_lib
+from alignax.training import ema as ema_lib
+from alignax.training import optim, train_state
 
 log = logging.getLogger("alignax")
 PyTree = Any
@@ -110,7 +114,7 @@ class Trainer:
             if lora_spec is None:
                 trainable, specs = {"transformer": base_params}, {"transformer": base_specs}
             else:
-                from alignax import lora
+                from alignax.training import lora
                 weights = lora.init_lora(base_params, spec=lora_spec, rng=rng)
                 trainable = {"transformer": weights}
                 specs = {"transformer": lora.lora_logical_specs(weights, base_specs)}
@@ -250,7 +254,8 @@ class Trainer:
     # ---- data ---------------------------------------------------------------------------------
 
     def make_loader(self, split: str | None = None):
-        from alignax import data, data_setup
+        from alignax import data
+        from alignax.data import setup as data_setup
         path = data_setup.dataset_path(self.config.data, self.objective.data)
         source = data.open_dataset(path, split or self.config.data.split)
         return data.Loader(source, global_batch_size=self.config.batch_size, seed=self.config.seed,
@@ -301,7 +306,7 @@ class Trainer:
 
     def run(self, *, stop_after: int | None = None) -> RunResult:
         """Trains to `config.total_steps` (or `stop_after` steps from the start, for tests)."""
-        from alignax import metrics as metrics_lib
+        from alignax.training import metrics as metrics_lib
         config = self.config
         previous = signal.signal(signal.SIGTERM, self._on_sigterm)
         writer = metrics_lib.MetricsWriter(self.workdir, enabled=self.is_main)
@@ -399,7 +404,7 @@ class Trainer:
 def optim_lora_spec(config: ml_collections.ConfigDict):
     if not config.lora.enabled:
         return None
-    from alignax import lora
+    from alignax.training import lora
     return lora.LoraSpec.from_config(config.lora)
 
 

@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from alignax import negative_prompt
+from alignax.conditioning import negative_prompt
 from alignax.errors import DataError
 from tests.training.conftest import pretrained_root, tiny_world  # noqa: F401  (session fixtures)
 
