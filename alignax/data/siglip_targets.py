@@ -118,15 +118,22 @@ def main(argv: list[str]) -> None:
     from absl import flags
     f = flags.FLAGS
     path = add_targets(f.dataset, f.siglip, f.out, batch_size=f.batch_size, overwrite=f.overwrite)
-    print(f"wrote {path}")
+    print(f"wrote {f.dataset} with SigLIP targets added to {path}")
 
 
-if __name__ == "__main__":
-    from absl import app, flags
+def cli() -> None:
+    """`alignax-siglip-targets` / `python -m alignax.data.siglip_targets`: flags defined here, not at import."""
+    from absl import flags
+
+    from alignax import cli as cli_lib
     flags.DEFINE_string("dataset", None, "captioned-images dataset directory", required=True)
     flags.DEFINE_string("siglip", None, "transformers SigLIP / SigLIP 2 directory (config, weights, tokenizer)",
                         required=True)
     flags.DEFINE_string("out", None, "output dataset directory", required=True)
     flags.DEFINE_integer("batch_size", 32, "images per SigLIP forward pass")
     flags.DEFINE_bool("overwrite", False, "replace an existing dataset at --out")
-    app.run(main)
+    cli_lib.run_main(main)
+
+
+if __name__ == "__main__":
+    cli()

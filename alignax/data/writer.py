@@ -164,6 +164,14 @@ def _builder_class(schema: RecordSchema) -> type:
         def _generate_examples(self, stream):
             yield from enumerate(stream)
 
+        # TFDS prints "Downloading and preparing dataset Unknown size ..." and "... downloaded and prepared to
+        # <scratch dir>" to stdout; nothing is downloaded here and the scratch dir is renamed away.
+        def _log_download_bytes(self) -> None:
+            pass
+
+        def _log_download_done(self) -> None:
+            pass
+
     _Builder.__name__ = _Builder.__qualname__ = f"{schema.name}_builder"
     _BUILDERS[schema.name] = _Builder
     return _Builder

@@ -46,6 +46,7 @@ from alignax.training import optim
 PyTree = Any
 DATA_AXIS = "data"
 SCORER_NAME = "scorer"
+log = logging.getLogger("alignax")  # shown at INFO by alignax.cli; absl's root logger stays at WARNING
 
 # Differentiable preprocessing by name: (vision image size) -> NHWC [0, 1] images -> normalised NCHW pixels.
 # 'clip' is CLIPImageProcessor's (what pickscore / clip_score apply when scoring with the result);
@@ -328,7 +329,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> RunRes
             check_compatible(checkpointer.saved_config(latest), config.to_dict(), checkpointer.directory)
             state = checkpointer.restore(latest, jax.eval_shape(lambda s: s, state), state_shardings)
             start_step = latest
-            logging.info("resumed from %s step %d", checkpointer.directory, latest)
+            log.info("resumed from %s step %d", checkpointer.directory, latest)
 
     evals: list[EvalResult] = []
 
@@ -336,8 +337,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> RunRes
         result = evaluate(state["params"], step)
         evals.append(result)
         writer.scalars(step, {"eval/accuracy": result.accuracy, "eval/loss": result.loss})
-        logging.info("step %d: held-out pairwise accuracy %.4f, loss %.4f (%d pairs)", step, result.accuracy,
-                     result.loss, result.pairs)
+        log.info("step %d: held-out pairwise accuracy %.4f, loss %.4f (%d pairs)", step, result.accuracy,
+                 result.loss, result.pairs)
 
     if start_step == 0:
         record_eval(0)
@@ -381,7 +382,6 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> RunRes
 
 def main(argv: list[str]) -> int:
     del argv
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     result = run(_CONFIG.value, _WORKDIR.value)
     first, last = result.evals[0], result.evals[-1]
     print(f"finished at step {result.final_step}: held-out pairwise accuracy {first.accuracy:.3f} (step "
@@ -389,11 +389,19 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    from absl import app, flags
+def cli() -> None:
+    """`alignax-train-reward` / `python -m alignax.reward_model.train`: flags defined here, not at import."""
+    global _CONFIG, _WORKDIR
+    from absl import flags
     from ml_collections import config_flags
+
+    from alignax import cli as cli_lib
 
     _CONFIG = config_flags.DEFINE_config_file("config", None, "experiments/configs/NAME.py[:ARG]", lock_config=True)
     _WORKDIR = flags.DEFINE_string("workdir", None, "run directory: metrics, checkpoints, the saved scorer")
     flags.mark_flags_as_required(["config", "workdir"])
-    app.run(main)
+    cli_lib.run_main(main)
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,4 +1,6 @@
-"""Rewards: `alignax.rewards.get(name, **kwargs) -> Reward`, scoring NHWC images in [0, 1].
+"""Rewards: `alignax.rewards.get(kind, *, name=kind, **kwargs) -> Reward`, scoring NHWC images in [0, 1].
+
+`kind` is the registry entry; `name` is the instance (`config.rewards.<name>`) and prefixes the batch keys.
 
     reward = alignax.rewards.get("hpsv2", checkpoint=".../HPS_v2_compressed.pt", tokenizer=".../tokenizer")
     batch = reward.prepare(prompts)                          # host: token ids, numpy

@@ -17,6 +17,7 @@ import jax
 import numpy as np
 
 from alignax.errors import ConfigError, DataError
+from alignax.registry import Registry
 
 PyTree = Any
 Batch = Mapping[str, Any]
@@ -31,7 +32,9 @@ def _no_text(prompts: list[str]) -> dict[str, np.ndarray]:
 class Reward:
     """A differentiable (unless flagged) scorer of NHWC images in [0, 1]; higher is better.
 
-    name: the registry name; also the prefix of every batch key the reward reads.
+    name: the instance name (`config.rewards.<name>`); the prefix of every batch key the reward reads
+      and writes, so two instances of one kind (say two `clip_score` with different tokenizers) keep
+      their token ids apart.
     score_fn: pure and jit-able `(params, images, batch) -> (scores[B], info)`.
     params: plain pytree of weights (empty for toy rewards).
     specs: logical PartitionSpecs with the structure of `params`.
@@ -49,6 +52,11 @@ class Reward:
     higher_is_better: bool = True
     range: str = ""
     preprocessing: str = ""
+    kind: str = ""  # the registry name it was built from; `get` fills it in (defaults to `name`)
+
+    def __post_init__(self) -> None:
+        if not self.kind:
+            object.__setattr__(self, "kind", self.name)
 
     def apply(self, params: PyTree, images: jax.Array, batch: Batch) -> tuple[jax.Array, dict[str, jax.Array]]:
         """Pure: scores[B] and an info dict of per-image diagnostics."""
@@ -82,31 +90,38 @@ def take(batch: Batch, reward_name: str, field: str) -> Any:
     return batch[key]
 
 
-REGISTRY: dict[str, Callable[..., Reward]] = {}
+REGISTRY: Registry[Callable[..., Reward]] = Registry("reward kind")
 
 
 def register(*names: str) -> Callable[[Callable[..., Reward]], Callable[..., Reward]]:
-    """Registers a factory `(name, **kwargs) -> Reward` under one or more reward names."""
-    def decorator(factory: Callable[..., Reward]) -> Callable[..., Reward]:
-        for name in names:
-            if name in REGISTRY:
-                raise ValueError(f"reward {name!r} is registered twice")
-            REGISTRY[name] = factory
-        return factory
-    return decorator
+    """Registers a factory `(name, **kwargs) -> Reward` under one or more reward kinds.
+
+    `name` is the instance name (the batch-key prefix); a factory registered under several kinds
+    declares a keyword `kind` and is told which one was asked for."""
+    return REGISTRY.decorator(*names)
 
 
-def get(name: str, **kwargs: Any) -> Reward:
-    """Builds the reward registered as `name`; kwargs are its checkpoint paths and options."""
-    if name not in REGISTRY:
-        raise ConfigError(f"unknown reward {name!r}; alignax knows {sorted(REGISTRY)}")
-    factory = REGISTRY[name]
+# Factory parameters that `get` fills in itself: never reward settings.
+RESERVED = ("name", "kind")
+
+
+def get(kind: str, *, name: str | None = None, **kwargs: Any) -> Reward:
+    """Builds a reward of the registered `kind`; kwargs are its checkpoint paths and options.
+
+    `name` is the instance name (`config.rewards.<name>`, default: the kind): it prefixes the batch
+    keys the reward writes in `prepare` and reads in `apply`."""
+    factory = REGISTRY.lookup(kind)
+    name = kind if name is None else name
+    parameters = inspect.signature(factory).parameters
+    if "kind" in parameters:
+        kwargs = {**kwargs, "kind": kind}
     try:
         inspect.signature(factory).bind(name, **kwargs)
     except TypeError as e:
-        accepted = [p for p in inspect.signature(factory).parameters if p != "name"]
+        accepted = [p for p in parameters if p not in RESERVED]
         raise ConfigError(f"reward {name!r}: {e}; it accepts {accepted}") from e
-    return factory(name, **kwargs)
+    reward = factory(name, **kwargs)
+    return dataclasses.replace(reward, name=name, kind=kind)
 
 
 def require_path(value: Any, reward_name: str, kwarg: str, expected: str) -> str:

@@ -29,14 +29,14 @@ _FILES = {"hpsv2": "HPS_v2_compressed.pt", "hpsv2.1": "HPS_v2.1_compressed.pt"}
 
 
 @register("hpsv2", "hpsv2.1")
-def hpsv2(name: str, *, checkpoint: str | None = None, tokenizer: str | None = None,
+def hpsv2(name: str, *, kind: str = "hpsv2", checkpoint: str | None = None, tokenizer: str | None = None,
           model_config: dict | str = "ViT-H-14", benchmark_scale: bool = False, **options: Any) -> Reward:
     """checkpoint: HPS_v2(.1)_compressed.pt (or any open_clip file / transformers CLIP directory).
     tokenizer: directory with a CLIP tokenizer. model_config: open_clip architecture (ViT-H-14).
     benchmark_scale: multiply by 100, as HPSv2's benchmark tables report it.
     options: dtype, compute_dtype, remat (passed to the loader)."""
     source = f"reward {name!r}"
-    checkpoint = require_path(checkpoint, name, "checkpoint", _FILES[name])
+    checkpoint = require_path(checkpoint, name, "checkpoint", _FILES[kind])
     tokenizer = require_path(tokenizer, name, "tokenizer", "CLIP tokenizer directory")
     check_exists(checkpoint, f"{source} checkpoint=")
     tok = load_clip_tokenizer(tokenizer, source=f"{source} tokenizer=")

@@ -3,7 +3,9 @@
     config.rewards.red = dict(kind='channel_mean', channel=0)
     config.rewards.hps = dict(kind='hpsv2', checkpoint='/ckpt/HPS_v2_compressed.pt', tokenizer='/tok')
 
-`kind` defaults to the entry's name, so `config.rewards.aesthetic = dict(...)` works too.
+`kind` defaults to the entry's name, so `config.rewards.aesthetic = dict(...)` works too. The entry's
+name is the reward's instance name (`Reward.name`): the batch keys it adds (`<name>/input_ids`, ...)
+are built from it, so two instances of one kind never share token ids.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any
 import ml_collections
 
 from alignax.errors import ConfigError
+from alignax.rewards.base import RESERVED
 
 
 def _settings(name: str, entry: Any) -> tuple[str, dict]:
@@ -32,12 +35,16 @@ def validate_config(rewards_config: ml_collections.ConfigDict) -> None:
         if kind not in rewards.REGISTRY:
             raise ConfigError(f"config.rewards.{name}: unknown reward kind {kind!r}; alignax knows "
                               f"{sorted(rewards.REGISTRY)}")
+        if "name" in settings:
+            raise ConfigError(f"config.rewards.{name}: ['name'] is not a reward setting: the instance name is "
+                              f"the key under config.rewards ({name!r}); remove it")
         params = inspect.signature(rewards.REGISTRY[kind]).parameters
+        accepted = sorted(set(params) - set(RESERVED))
         if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
-            unknown = sorted(set(settings) - set(params))
+            unknown = sorted(set(settings) - set(accepted))
             if unknown:
                 raise ConfigError(f"config.rewards.{name}: reward {kind!r} does not take {unknown}; "
-                                  f"it takes {sorted(params)}")
+                                  f"it takes {accepted}")
 
 
 def prepare(rewards: Mapping[str, Any], host_batch: dict) -> dict:
@@ -56,5 +63,5 @@ def build(rewards_config: ml_collections.ConfigDict) -> dict[str, Any]:
     built = {}
     for name, entry in rewards_config.items():
         kind, settings = _settings(name, entry)
-        built[name] = rewards.get(kind, **settings)
+        built[name] = rewards.get(kind, name=name, **settings)
     return built

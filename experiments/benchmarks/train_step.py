@@ -63,10 +63,21 @@ def make_batch(config: dict, seed: int = 0) -> dict[str, np.ndarray]:
     )
 
 
+def randomize_(model: torch.nn.Module, seed: int, scale: float) -> torch.nn.Module:
+    """Seeded noise in every param (qk-norm scales around 1), as the parity tests' reference models; kept here
+    because benchmarks run from an installed package, where tests/ is not importable."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            noise = torch.randn(param.shape, generator=generator) * scale
+            param.copy_(1.0 + noise if name.endswith("norm_q.weight") or "norm_k" in name
+                        or "norm_added" in name else noise)
+    return model.eval()
+
+
 def build_torch_model(config: dict, directory: str) -> torch.nn.Module:
     from diffusers import SD3Transformer2DModel
 
-    from tests.reference_models import randomize_
     model = randomize_(SD3Transformer2DModel(**config), seed=0, scale=0.02)
     model.save_pretrained(directory)
     return model.train()

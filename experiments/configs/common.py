@@ -2,9 +2,29 @@
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Iterable
+from pathlib import Path
+
 import ml_collections
 
 from alignax import config as config_lib
+from alignax.errors import ConfigError
+
+
+def parse_options(arg: str, known: Iterable[str], *, config_file: str) -> list[str]:
+    """The comma-separated options after `NAME.py:`, in order; an unknown one is a ConfigError naming it,
+    the closest known option and all of them, so `:draftk` never silently trains the default."""
+    known = list(known)
+    options = [o.strip() for o in (arg or "").split(",") if o.strip()]
+    where = "/".join(Path(config_file).parts[-3:])
+    for option in options:
+        if option not in known:
+            close = difflib.get_close_matches(option, known, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            listed = ", ".join(known) if known else "none: this config takes no option"
+            raise ConfigError(f"{where}:{arg}: unknown option {option!r}{hint}; known options: {listed}")
+    return options
 
 
 def tiny_run(total_steps: int = 20, batch_size: int = 8) -> ml_collections.ConfigDict:
@@ -15,7 +35,7 @@ def tiny_run(total_steps: int = 20, batch_size: int = 8) -> ml_collections.Confi
     c.log_every = 5
     c.checkpoint_every = 10
     c.keep_checkpoints = 2
-    c.eval_every = total_steps
+    c.eval_every = -1  # about 4 sample grids per run, whatever total_steps becomes
     c.data.generate = "tiny_world"
     c.optim.learning_rate = 1e-3
     c.optim.warmup_steps = 2

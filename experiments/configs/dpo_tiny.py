@@ -9,7 +9,7 @@ from experiments.configs import common
 
 
 def get_config(arg: str = ""):
-    options = arg.split(",")
+    options = common.parse_options(arg, ("lora", "online"), config_file=__file__)
     c = common.tiny_run(total_steps=20)
     c.objective.name = "dpo"
     c.objective.beta = 100.0

@@ -12,7 +12,7 @@ from experiments.configs import common
 
 
 def get_config(arg: str = ""):
-    del arg
+    common.parse_options(arg, (), config_file=__file__)
     c = common.tiny_run(total_steps=20)
     c.objective.name = "feature_align"
     c.objective.sample_posterior = False  # the random tiny VAE's posterior std is ~1: train on its mean

@@ -15,15 +15,21 @@ by running statistics; `chebyshev` scalarises with the running ideal point.
 
 import ml_collections
 
+from alignax.errors import ConfigError
 from alignax.objectives import reward_backprop
 from experiments.configs import common
 
+FLAGS = ("kl", "lora", "running", "chebyshev")
+
 
 def get_config(arg: str = ""):
-    options = [o for o in arg.split(",") if o]
+    options = common.parse_options(arg, (*reward_backprop.MODES, *FLAGS), config_file=__file__)
+    modes = [o for o in options if o in reward_backprop.MODES]
+    if len(modes) > 1:
+        raise ConfigError(f"reward_backprop_tiny.py:{arg}: options name {len(modes)} modes {modes}; give one")
     c = common.tiny_run(total_steps=20)
     c.objective.name = "reward_backprop"
-    c.objective.mode = next((o for o in options if o in reward_backprop.MODES), "full")
+    c.objective.mode = modes[0] if modes else "full"
     c.objective.k = 2
     c.objective.k_max = 3
     c.objective.lv_n = 2

@@ -10,9 +10,11 @@ For a real run, start from a downloaded CLIP and a Pick-a-Pic style dataset inst
 """
 
 from alignax.reward_model import train as train_reward
+from experiments.configs import common
 
 
 def get_config(arg: str = ""):
+    options = common.parse_options(arg, ("frozen_text",), config_file=__file__)
     c = train_reward.default_config()
     c.total_steps = 200
     c.batch_size = 32
@@ -25,7 +27,7 @@ def get_config(arg: str = ""):
     c.optim.warmup_steps = 10
     c.optim.weight_decay = 1e-4
     c.optim.grad_clip_norm = 1.0
-    if "frozen_text" in arg.split(","):
+    if "frozen_text" in options:
         # HPSv2 style: train the image side, keep the text tower's embeddings fixed.
         c.optim.frozen = (r"^text_model/embeddings/",)
     return c

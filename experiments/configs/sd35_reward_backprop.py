@@ -25,7 +25,7 @@ MODEL_PATH = "/path/to/stable-diffusion-3.5-medium"
 
 
 def get_config(arg: str = ""):
-    options = [o for o in arg.split(",") if o]
+    options = common.parse_options(arg, ("runlocal",), config_file=__file__)
     if "runlocal" in options:
         c = common.tiny_run(total_steps=20)
         c.rewards.hps = dict(kind="channel_share", channel=0)

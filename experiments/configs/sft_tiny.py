@@ -8,14 +8,15 @@ from experiments.configs import common
 
 
 def get_config(arg: str = ""):
+    options = common.parse_options(arg, ("lora", "ema"), config_file=__file__)
     c = common.tiny_run(total_steps=20)
     c.objective.name = "sft"
     c.objective.sample_posterior = False  # the random tiny VAE's posterior std is ~1: train on its mean
-    if "lora" in arg.split(","):
+    if "lora" in options:
         c.lora.enabled = True
         c.lora.rank = 4
         c.lora.alpha = 4.0
-    if "ema" in arg.split(","):
+    if "ema" in options:
         c.ema.enabled = True
         c.ema.decay = 0.9
     return c

@@ -22,7 +22,7 @@ def hpsv2(paths, **overrides):
 
 
 def test_unknown_reward_and_kwargs():
-    with pytest.raises(ConfigError, match=r"unknown reward 'hps'; alignax knows \[.*'hpsv2'"):
+    with pytest.raises(ConfigError, match=r"unknown reward kind 'hps'; choose one of \[.*'hpsv2'"):
         alignax.rewards.get("hps")
     with pytest.raises(ConfigError, match=r"reward 'brightness'.*unexpected keyword argument 'channel'"):
         alignax.rewards.get("brightness", channel=1)

@@ -12,7 +12,7 @@ import pytest
 
 from alignax import config as config_lib
 from alignax import mesh as mesh_lib
-from alignax.errors import AlignaxError
+from alignax.errors import AlignaxError, ConfigError
 from alignax.training.trainer import Trainer
 from tests.training.conftest import tiny_world  # noqa: F401  (session fixture)
 
@@ -24,6 +24,29 @@ CONFIGS = sorted(p.stem for p in (Path(__file__).resolve().parents[2] / "experim
 def test_shipped_config_validates(name):
     config = importlib.import_module(f"experiments.configs.{name}").get_config("")
     config_lib.validate(config, num_devices=8)
+
+
+ALL_CONFIGS = sorted(p.stem for p in (Path(__file__).resolve().parents[2] / "experiments" / "configs").glob("*.py")
+                     if p.stem not in ("__init__", "common"))
+
+
+@pytest.mark.parametrize("name", ALL_CONFIGS)
+def test_shipped_config_refuses_an_unknown_option(name):
+    """`NAME.py:typo` used to train the default silently (`reward_backprop_tiny.py:draftk` ran mode full)."""
+    get_config = importlib.import_module(f"experiments.configs.{name}").get_config
+    with pytest.raises(ConfigError, match=rf"{name}\.py:bogus: unknown option 'bogus'; known options: "):
+        get_config("bogus")
+
+
+def test_option_typo_suggests_the_closest_option():
+    from experiments.configs import reward_backprop_tiny
+    with pytest.raises(ConfigError, match=r"unknown option 'draftk' \(did you mean 'draft_k'\?\); known options: "
+                                          r".*full.*chebyshev"):
+        reward_backprop_tiny.get_config("draftk")
+    with pytest.raises(ConfigError, match=r"2 modes \['refl', 'full'\]"):
+        reward_backprop_tiny.get_config("refl,full")
+    assert reward_backprop_tiny.get_config("draft_k,kl").objective.mode == "draft_k"
+    assert reward_backprop_tiny.get_config(" draft_k , kl ").objective.kl_weight == 0.1
 
 
 def test_sd35_config_names_the_missing_weights_before_compiling(tmp_path):
