@@ -11,6 +11,13 @@ run's config is parsed by `ml_collections.config_flags` exactly as `alignax.trai
 it, and validated for the target's device count, before anything starts: a typo in run 7
 fails the sweep in seconds, naming the run and the field. `ROOT/sweep.json` records the
 resolved runs; run NAME trains in `ROOT/NAME`.
+
+Re-running a sweep skips the points that are done: those whose `WORKDIR/status.json` (written
+by the trainer) says `finished` at the run's `total_steps`, or whose final checkpoint
+`checkpoints/<total_steps>` is complete; `--rerun_finished` relaunches them anyway. Preempted
+or failed points are relaunched and resume from their last checkpoint. When the runs end,
+each run's status goes into `sweep.json`, and points that ended `diverged`, `nonfinite` or
+`failed` are flagged in the summary (and in `alignax.pareto.report`).
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from typing import Any
 import ml_collections
 
 from alignax.errors import ConfigError
+from alignax.pareto.report import FLAGGED_STATES  # status.json states that make a point untrustworthy
 from launch import backends
 
 NAME_KEY = "name"
@@ -99,57 +107,139 @@ def parse_config(config: str, run: backends.Run) -> ml_collections.ConfigDict:
     flag_values = flags.FlagValues()
     holder = config_flags.DEFINE_config_file("config", None, "", flag_values=flag_values, lock_config=True,
                                              sys_argv=argv)
+    from alignax.cli import describe_flag_error, unloaded_config
     try:
         flag_values(argv)
-        return holder.value
     except Exception as e:  # absl/config_flags raise KeyError, flags.Error, ...; all mean a bad run
         raise ConfigError(f"run {run.name!r}: {config} with {' '.join(argv[2:])} does not parse: "
-                          f"{type(e).__name__}: {e}") from e
+                          f"{describe_flag_error(e, argv, flag_values)}") from e
+    problem = unloaded_config(flag_values)  # a missing config file surfaces only when the config is used
+    if problem:
+        raise ConfigError(f"run {run.name!r}: {problem}")
+    return holder.value
 
 
-def validate_runs(config: str, runs: list[backends.Run], num_devices: int | None) -> None:
+def validate_runs(config: str, runs: list[backends.Run], num_devices: int | None
+                  ) -> dict[str, ml_collections.ConfigDict]:
+    """Every run's parsed config, validated; ConfigError naming the first bad run."""
     from alignax import config as config_lib
+    configs = {}
     for run in runs:
         try:
-            config_lib.validate(parse_config(config, run), num_devices)
+            configs[run.name] = config_lib.validate(parse_config(config, run), num_devices)
         except ConfigError as e:
             message = str(e) if str(e).startswith(f"run {run.name!r}") else f"run {run.name!r}: {e}"
             raise ConfigError(message) from e
+    return configs
+
+
+def read_status(workdir: str) -> dict[str, Any] | None:
+    """`WORKDIR/status.json` as the trainer wrote it ({state, step, total_steps, reason}), or None when the run
+    has not ended yet (or never started) or the file cannot be read (a warning says why)."""
+    from alignax import fs
+    path = fs.join(workdir, "status.json")
+    try:
+        if not fs.isfile(path):
+            return None
+        status = json.loads(fs.read_text(path))
+    except Exception as e:  # noqa: BLE001 (unreadable status: treat the run as not done, say so)
+        print(f"warning: cannot read {path}: {type(e).__name__}: {e}", file=sys.stderr)
+        return None
+    return status if isinstance(status, dict) else None
+
+
+def final_checkpoint_complete(workdir: str, step: int) -> bool:
+    """True when `workdir/checkpoints/<step>` is a committed, readable orbax step (not a stray empty directory
+    or an in-flight `.orbax-checkpoint-tmp`). Read-only: creates nothing."""
+    from alignax import fs
+    from alignax.training import checkpoint
+    if not fs.isdir(fs.join(checkpoint.checkpoint_directory(workdir), str(step))):
+        return False  # the common case (a fresh point) costs one stat, no orbax
+    ckpt = checkpoint.Checkpointer(workdir, keep=1, async_save=False, create=False)  # never saves: deletes nothing
+    try:
+        return step in ckpt.all_steps() and ckpt.unreadable(step) is None
+    finally:
+        ckpt.close()
+
+
+def finished(run: backends.Run, total_steps: int) -> str | None:
+    """Why `run` needs no relaunch, or None: status.json says finished at `total_steps`, or the final
+    checkpoint is complete (a run that finished before status.json existed, or lost it)."""
+    status = read_status(run.workdir)
+    if status and status.get("state") == "finished" and status.get("step") == total_steps:
+        return f"status.json: finished at step {total_steps}"
+    if final_checkpoint_complete(run.workdir, total_steps):
+        return f"checkpoints/{total_steps} is complete"
+    return None
+
+
+def describe_status(status: dict[str, Any] | None) -> str:
+    if not status:
+        return "no status.json"
+    text = f"{status.get('state')} at step {status.get('step')}/{status.get('total_steps')}"
+    return text + (f": {status['reason']}" if status.get("reason") else "")
 
 
 def write_manifest(root: str, sweep: str, config: str, backend: Any, runs: list[backends.Run],
-                   num_devices: int | None) -> Path | None:
+                   num_devices: int | None, *, skipped: dict[str, str] | None = None,
+                   statuses: dict[str, dict | None] | None = None) -> Path | None:
+    """`ROOT/sweep.json`: the resolved runs, which were skipped as finished (and why) and, once the runs
+    have ended, each run's status.json and whether it is flagged (diverged, nonfinite, failed)."""
     if "://" in root:
         return None  # a bucket: the runs themselves write there
     path = Path(root) / "sweep.json"
     path.parent.mkdir(parents=True, exist_ok=True)
+    skipped, statuses = skipped or {}, statuses or {}
+
+    def entry(r: backends.Run) -> dict[str, Any]:
+        out = dict(name=r.name, overrides=r.overrides, workdir=r.workdir, command=backend.command(config, r),
+                   skipped=skipped.get(r.name))
+        if r.name in statuses:
+            status = statuses[r.name]
+            out.update(status=status, flagged=bool(status) and status.get("state") in FLAGGED_STATES)
+        return out
+
     manifest = dict(sweep=sweep, config=config, backend=backend.name, workdir_root=root, num_devices=num_devices,
-                    runs=[dict(name=r.name, overrides=r.overrides, workdir=r.workdir,
-                               command=backend.command(config, r)) for r in runs])
+                    runs=[entry(r) for r in runs])
     path.write_text(json.dumps(manifest, indent=2) + "\n")
     return path
 
 
 def launch(sweep: str, backend_name: str, *, workdir_root: str | None = None, dry_run: bool = False,
-           **backend_options: Any) -> int:
-    """Validates every run, writes ROOT/sweep.json, then prints (dry run) or executes; returns the exit code."""
+           rerun_finished: bool = False, **backend_options: Any) -> int:
+    """Validates every run, skips finished ones, writes ROOT/sweep.json, then prints (dry run) or executes;
+    returns the exit code (1 when a run failed or ended flagged)."""
     config, raw_runs = load_sweep(sweep)
     backend = backends.get(backend_name, **backend_options)
     root = workdir_root or f"/tmp/alignax/sweeps/{Path(sweep.partition(':')[0]).stem}"
     runs = resolve_runs(raw_runs, root)
     num_devices = backend.num_devices()
-    validate_runs(config, runs, num_devices)
-    manifest = write_manifest(root, sweep, config, backend, runs, num_devices)
+    configs = validate_runs(config, runs, num_devices)
+    skipped = {} if rerun_finished else {
+        run.name: why for run in runs if (why := finished(run, configs[run.name].total_steps))}
+    todo = [run for run in runs if run.name not in skipped]
+    manifest = write_manifest(root, sweep, config, backend, runs, num_devices, skipped=skipped)
     print(f"sweep {sweep}: {len(runs)} runs validated for {num_devices} devices; manifest {manifest}")
+    if skipped:
+        print(f"sweep {sweep}: skipped {len(skipped)} finished points (--rerun_finished relaunches them): " +
+              "; ".join(f"{name} ({why})" for name, why in skipped.items()))
     if dry_run:
-        for run in runs:
+        for run in todo:
             print(backend.command(config, run))
+        print(f"sweep {sweep}: dry run, nothing started; wrote the manifest {manifest}", file=sys.stderr)
         return 0
-    codes = backend.execute(config, runs)
+    codes = backend.execute(config, todo) if todo else {}
+    statuses = {run.name: read_status(run.workdir) for run in runs}
+    manifest = write_manifest(root, sweep, config, backend, runs, num_devices, skipped=skipped, statuses=statuses)
     failed = sorted(name for name, code in codes.items() if code != 0)
-    print(f"sweep {sweep}: {len(runs) - len(failed)}/{len(runs)} runs succeeded" +
-          (f"; failed: {failed}" if failed else ""))
-    return 1 if failed else 0
+    flagged = {name: s for name, s in statuses.items() if s and s.get("state") in FLAGGED_STATES}
+    print(f"sweep {sweep}: {len(todo) - len(failed)}/{len(todo)} runs succeeded" +
+          (f", {len(skipped)} skipped as finished" if skipped else "") +
+          (f"; failed: {failed}" if failed else "") + f"; run directories under {root}, manifest {manifest}")
+    if flagged:
+        print(f"sweep {sweep}: FLAGGED {len(flagged)} points that did not end cleanly: " +
+              "; ".join(f"{name} ({describe_status(s)})" for name, s in sorted(flagged.items())))
+    return 1 if failed or flagged else 0
 
 
 def main(argv: list[str]) -> int:
@@ -158,7 +248,8 @@ def main(argv: list[str]) -> int:
         raise ConfigError(f"unexpected arguments {argv[1:]}")
     f = flags.FLAGS
     try:
-        return launch(f.sweep, f.backend, workdir_root=f.workdir_root, dry_run=f.dry_run, parallel=f.parallel,
+        return launch(f.sweep, f.backend, workdir_root=f.workdir_root, dry_run=f.dry_run,
+                      rerun_finished=f.rerun_finished, parallel=f.parallel,
                       num_devices=f.num_devices, tpu_name=f.tpu_name, zone=f.zone, project=f.project,
                       repo_dir=f.repo_dir, python=f.python)
     except ConfigError as e:
@@ -166,13 +257,18 @@ def main(argv: list[str]) -> int:
         return 2
 
 
-if __name__ == "__main__":
-    from absl import app, flags
+def cli() -> None:
+    """`alignax-sweep` / `python -m launch.sweep`: flags defined here, not at import."""
+    from absl import flags
+
+    from alignax import cli as cli_lib
 
     flags.DEFINE_string("sweep", None, "experiments/sweeps/NAME.py[:ARG] defining get_sweep()")
     flags.DEFINE_enum("backend", "local", sorted(backends.BACKENDS), "where the runs execute")
     flags.DEFINE_string("workdir_root", None, "run NAME trains in ROOT/NAME (default /tmp/alignax/sweeps/<sweep>)")
     flags.DEFINE_bool("dry_run", False, "validate and print the commands, run nothing")
+    flags.DEFINE_bool("rerun_finished", False, "relaunch points whose status.json says finished or whose final "
+                                               "checkpoint is complete (skipped by default)")
     flags.DEFINE_integer("num_devices", None, "devices per run for validation (local: probed; tpu_vm: give it "
                                               "to check batch/mesh divisibility)")
     flags.DEFINE_integer("parallel", 1, "local: runs at a time")
@@ -182,4 +278,8 @@ if __name__ == "__main__":
     flags.DEFINE_string("repo_dir", "~/alignax", "tpu_vm: the repository checkout on every worker")
     flags.DEFINE_string("python", "python3", "tpu_vm: the Python on the workers")
     flags.mark_flags_as_required(["sweep"])
-    app.run(main)
+    cli_lib.run_main(main)
+
+
+if __name__ == "__main__":
+    cli()

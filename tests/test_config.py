@@ -114,3 +114,57 @@ def test_non_positive_numbers():
     c.total_steps = 0
     with pytest.raises(ConfigError, match=r"config\.total_steps=0"):
         config_lib.validate(c, num_devices=8)
+
+
+def _reward_backprop(mode, **fields):
+    from experiments.configs import reward_backprop_tiny
+    c = reward_backprop_tiny.get_config("")
+    c.objective.update(dict(mode=mode, **fields))
+    return c
+
+
+@pytest.mark.parametrize("mutate, match", [
+    (lambda c: c.sample.update({"guidance_scale": math.nan}), r"config\.sample\.guidance_scale=nan"),
+    (lambda c: c.sample.update({"guidance_scale": math.inf}), r"config\.sample\.guidance_scale=inf"),
+    (lambda c: c.sample.update({"shift": 0.0}), r"config\.sample\.shift=0\.0"),
+    (lambda c: c.sample.update({"shift": -3.0}), r"config\.sample\.shift=-3\.0"),
+    (lambda c: c.sample.update({"shift": math.nan}), r"config\.sample\.shift=nan"),
+    (lambda c: c.ema.update({"decay": 1.0}), r"config\.ema\.decay=1\.0"),
+    (lambda c: c.ema.update({"decay": -0.1}), r"config\.ema\.decay=-0\.1"),
+    (lambda c: c.ema.update({"every": 0}), r"config\.ema\.every=0"),
+    (lambda c: c.optim.update({"b1": 1.0}), r"config\.optim\.b1=1\.0"),
+    (lambda c: c.optim.update({"b2": -0.5}), r"config\.optim\.b2=-0\.5"),
+    (lambda c: c.optim.update({"b2": 1.5}), r"config\.optim\.b2=1\.5"),
+    (lambda c: c.update({"eval_every": -2}), r"config\.eval_every=-2"),
+    (lambda c: c.update({"max_nonfinite_steps": 0}), r"config\.max_nonfinite_steps=0"),
+    (lambda c: c.update({"seed": -1}), r"config\.seed=-1"),
+    (lambda c: c.update({"seed": 2**32}), r"config\.seed=4294967296"),
+])
+def test_values_that_run_silently_wrong(mutate, match):
+    c = tiny()
+    mutate(c)
+    with pytest.raises(ConfigError, match=match):
+        config_lib.validate(c, num_devices=8)
+
+
+@pytest.mark.parametrize("config, match", [
+    (lambda: _reward_backprop("draft_k", k=5), r"config\.objective\.k=5: .*num_steps=4"),
+    (lambda: _reward_backprop("random_k", k_max=9), r"config\.objective\.k_max=9: .*num_steps=4"),
+    (lambda: _reward_backprop("refl", refl_range=(1, 4)), r"config\.objective\.refl_range=\(1, 4\)"),
+    (lambda: _reward_backprop("draftk"), r"config\.objective\.mode='draftk'"),
+])
+def test_objective_steps_checked_by_validate(config, match):
+    with pytest.raises(ConfigError, match=match):
+        config_lib.validate(config(), num_devices=8)
+
+
+def test_edge_values_accepted():
+    c = tiny()
+    c.update(dict(seed=2**32 - 1, eval_every=0, max_nonfinite_steps=1))
+    c.ema.update(dict(decay=0.0, every=1))
+    c.optim.update(dict(b1=0.0, b2=0.0))
+    c.sample.update(dict(guidance_scale=0.0, shift=1.0))
+    config_lib.validate(c, num_devices=8)
+    c.eval_every = -1  # the derived "about 4 grids per run"
+    config_lib.validate(c, num_devices=8)
+    config_lib.validate(_reward_backprop("draft_k", k=4), num_devices=8)

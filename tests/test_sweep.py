@@ -179,3 +179,108 @@ def test_a_two_run_local_sweep_really_trains(tmp_path):
         assert (saved["seed"], saved["total_steps"], saved["data"]["path"]) == (seed, 2, str(world))
         assert "finished at step 2" in (root / name / "train.log").read_text()
     print(f"two-run local sweep: {elapsed:.1f}s")
+
+
+# ---- re-running a sweep: finished points are skipped, points that ended badly are flagged -------------------
+
+def _status(workdir: Path, state: str, step: int, total_steps: int = 4, reason: str = "") -> None:
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "status.json").write_text(json.dumps(
+        {"state": state, "step": step, "total_steps": total_steps, "reason": reason}))
+
+
+def _fake_training(monkeypatch, outcomes: dict[str, tuple[str, int]]) -> list[str]:
+    """Each launched run's argv replaced by a script that writes status.json as the trainer would."""
+    launched = []
+    execute = backends.LocalBackend.execute
+
+    def argv(self, config, run):  # also called for the manifest's commands, so it cannot count launches
+        state, code = outcomes.get(run.name, ("finished", 0))
+        payload = json.dumps({"state": state, "step": 4 if state == "finished" else 2, "total_steps": 4,
+                              "reason": "" if state == "finished" else f"{state} (fake)"})
+        script = (f"import pathlib, sys; pathlib.Path({run.workdir!r}, 'status.json').write_text({payload!r}); "
+                  f"sys.exit({code})")
+        return [sys.executable, "-c", script]
+
+    def recording_execute(self, config, runs, log=print):
+        launched.extend(run.name for run in runs)
+        return execute(self, config, runs, log)
+
+    monkeypatch.setattr(backends.LocalBackend, "argv", argv)
+    monkeypatch.setattr(backends.LocalBackend, "execute", recording_execute)
+    return launched
+
+
+def test_rerun_skips_finished_points_and_flags_bad_ones(tmp_path, rewards_config, monkeypatch, capsys):
+    root = tmp_path / "root"
+    names = ["done", "preempted", "raised_steps", "diverged", "fresh"]
+    runs = [{"name": name, "total_steps": 4} for name in names]
+    _status(root / "done", "finished", 4)
+    _status(root / "preempted", "preempted", 2)
+    _status(root / "raised_steps", "finished", 3, total_steps=3)  # total_steps was 3 last time: not done at 4
+    launched = _fake_training(monkeypatch, {"preempted": ("finished", 0), "raised_steps": ("finished", 0),
+                                            "diverged": ("diverged", 1), "fresh": ("nonfinite", 0)})
+    spec = write_sweep(tmp_path, rewards_config, runs)
+    code = sweep.launch(spec, "local", workdir_root=str(root), num_devices=8, parallel=2)
+    out = capsys.readouterr().out
+    assert sorted(launched) == ["diverged", "fresh", "preempted", "raised_steps"]
+    assert "skipped 1 finished points" in out and "done (status.json: finished at step 4)" in out
+    assert not (root / "done" / "train.log").exists()
+    assert code == 1  # one run failed, and `fresh` exited 0 but ended nonfinite
+    assert "FLAGGED 2 points" in out and "diverged (diverged at step 2/4: diverged (fake))" in out
+    assert "fresh (nonfinite at step 2/4" in out
+    manifest = {r["name"]: r for r in json.loads((root / "sweep.json").read_text())["runs"]}
+    assert manifest["done"]["skipped"] == "status.json: finished at step 4"
+    assert {n: manifest[n]["flagged"] for n in names} == {
+        "done": False, "preempted": False, "raised_steps": False, "diverged": True, "fresh": True}
+    assert manifest["diverged"]["status"]["state"] == "diverged" and manifest["preempted"]["skipped"] is None
+
+    # Again: now everything but the two flagged points is finished; --rerun_finished relaunches all.
+    launched.clear()
+    sweep.launch(spec, "local", workdir_root=str(root), num_devices=8, parallel=2)
+    assert sorted(launched) == ["diverged", "fresh"]
+    launched.clear()
+    sweep.launch(spec, "local", workdir_root=str(root), num_devices=8, parallel=2, rerun_finished=True)
+    assert sorted(launched) == sorted(names)
+
+
+def test_a_complete_final_checkpoint_counts_as_finished(tmp_path):
+    """A point that finished before status.json existed (or lost it): its final orbax step is complete. A
+    stray empty `checkpoints/4/` (issue 9, item 5) or a smaller final step is not."""
+    import numpy as np
+
+    from alignax.training import checkpoint
+
+    done, stray, short = (backends.Run(name, {}, str(tmp_path / name)) for name in ("done", "stray", "short"))
+    for run, step in ((done, 4), (short, 2)):
+        ckpt = checkpoint.Checkpointer(run.workdir, keep=2, async_save=False)
+        ckpt.save(step, {"w": np.arange(3.0)}, {"total_steps": 4})
+        ckpt.close()
+    (tmp_path / "stray" / "checkpoints" / "4").mkdir(parents=True)
+    assert sweep.finished(done, 4) == "checkpoints/4 is complete"
+    assert sweep.finished(stray, 4) is None and sweep.finished(short, 4) is None
+    assert sweep.finished(backends.Run("nothing", {}, str(tmp_path / "nothing")), 4) is None
+    assert not (tmp_path / "nothing").exists()  # checking creates nothing
+
+
+def test_dry_run_lists_only_the_points_it_would_start(tmp_path, rewards_config, capsys):
+    root = tmp_path / "root"
+    _status(root / "a", "finished", 4)
+    spec = write_sweep(tmp_path, rewards_config, [{"name": "a", "total_steps": 4}, {"name": "b", "total_steps": 4}])
+    assert sweep.launch(spec, "local", workdir_root=str(root), num_devices=8, dry_run=True) == 0
+    out = capsys.readouterr().out
+    commands = [line for line in out.splitlines() if "alignax.train" in line]
+    assert len(commands) == 1 and commands[0].endswith(f"--workdir={root}/b")
+    assert "skipped 1 finished points" in out
+
+
+def test_report_marks_points_that_did_not_end_cleanly(tmp_path):
+    from alignax.pareto import report
+    for run, red, state in (("ok", 0.2, "finished"), ("bad", 0.9, "diverged")):
+        _status(tmp_path / run, state, 4 if state == "finished" else 3, reason="loss 1e30 vs running 0.1")
+        (tmp_path / run / "eval_step_4.json").write_text(json.dumps(
+            {"run": run, "step": 4, "rewards": {"red": red, "blue": 1 - red}}))
+    evaluations = [report.read(p) for p in report.expand([f"{tmp_path}/*/eval_*.json"])]
+    text = report.markdown(report.build(evaluations))
+    assert "| bad ⚠ diverged | 4 |" in text and "| ok | 4 |" in text
+    assert "- bad: diverged at step 3: loss 1e30 vs running 0.1" in text

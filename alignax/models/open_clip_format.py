@@ -191,7 +191,7 @@ def to_transformers_keys(state: Mapping[str, np.ndarray], shapes: Mapping[str, t
         if tuple(state[name].shape) != expected:
             raise WeightsError(f"{source}: shape mismatch for {name!r}: checkpoint has {tuple(state[name].shape)}, "
                                f"model_config expects {expected}")
-        converted[key] = take(state[name])
+        converted[key] = take(weights_io.check_array(state[name], name, source))
     return converted
 
 
@@ -216,8 +216,21 @@ def _weights_file(path: Path) -> Path:
     raise WeightsError(f"{path}: no open_clip weights found (expected one of {list(_DIRECTORY_FILES)})")
 
 
-def _model_config(model_config: dict | str) -> dict:
-    if isinstance(model_config, dict):
+def plain(value: Any) -> Any:
+    """Nested mappings (an ml_collections ConfigDict from a config file, say) as plain dicts, as JSON gives them."""
+    if isinstance(value, Mapping) or callable(getattr(value, "items", None)):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(plain(v) for v in value)
+    return value
+
+
+def _model_config(model_config: Mapping | str) -> dict:
+    if not isinstance(model_config, str | os.PathLike):
+        if not callable(getattr(model_config, "items", None)):
+            raise WeightsError(f"model_config={model_config!r}: expected an open_clip model config mapping, a name "
+                               f"from {sorted(MODEL_CONFIGS)} or a .json file")
+        model_config = plain(model_config)
         return model_config.get("model_cfg", model_config)
     if model_config in MODEL_CONFIGS:
         return MODEL_CONFIGS[model_config]
@@ -228,7 +241,7 @@ def _model_config(model_config: dict | str) -> dict:
                        "nor a .json model config file")
 
 
-def load_open_clip(path: str | os.PathLike, *, model_config: dict | str, dtype: Any = jnp.float32,
+def load_open_clip(path: str | os.PathLike, *, model_config: Mapping | str, dtype: Any = jnp.float32,
                    **options: Any) -> Pretrained:
     """Loads an open_clip checkpoint as the transformers-compatible `clip` model.
 
@@ -248,5 +261,5 @@ def load_open_clip(path: str | os.PathLike, *, model_config: dict | str, dtype: 
     shapes = torch_checkpoint.torch_shapes(abstract_params(clip.ARCHITECTURE, module)[0])
     state = torch_checkpoint.to_numpy(_unwrap(torch_checkpoint.read_file(file)), str(file))
     converted = to_transformers_keys(state, shapes, str(file))
-    params = torch_checkpoint.load_params(converted, clip.ARCHITECTURE, module, dtype, str(file))
+    params = torch_checkpoint.load_params(converted, clip.ARCHITECTURE, module, dtype, str(file), checked=True)
     return Pretrained(module=module, params=params, config=config, architecture=clip.ARCHITECTURE)

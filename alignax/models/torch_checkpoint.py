@@ -20,7 +20,7 @@ from safetensors import SafetensorError
 from safetensors.numpy import load_file
 
 from alignax.errors import WeightsError
-from alignax.models import torch_layout
+from alignax.models import torch_layout, weights_io
 from alignax.models.pretrained import Architecture, abstract_params
 
 PyTree = Any
@@ -71,10 +71,11 @@ def torch_shapes(template: PyTree) -> dict[str, tuple[int, ...]]:
 
 
 def load_params(state_dict: Mapping[str, np.ndarray], architecture: Architecture, module: Any, dtype: Any,
-                source: str) -> PyTree:
-    """Checks a torch-named numpy state dict against the module's params, then casts it into a Flax tree."""
+                source: str, *, checked: bool = False) -> PyTree:
+    """Checks a torch-named numpy state dict against the module's params (keys, shapes, and, unless the caller
+    already did, floating-point dtype and finiteness), then casts it into a Flax tree."""
     template, _ = abstract_params(architecture, module)
     key_to_path = torch_layout.check_state_dict(template, {k: v.shape for k, v in state_dict.items()},
                                                 source=source, ignore_unexpected=architecture.ignore_unexpected)
-    return torch_layout.state_dict_to_params(((k, state_dict[k]) for k in key_to_path), key_to_path,
-                                             lambda a: jnp.asarray(a, dtype=dtype))
+    arrays = ((k, state_dict[k] if checked else weights_io.check_array(state_dict[k], k, source)) for k in key_to_path)
+    return torch_layout.state_dict_to_params(arrays, key_to_path, lambda a: jnp.asarray(a, dtype=dtype))

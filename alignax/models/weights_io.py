@@ -12,7 +12,7 @@ import json
 import os
 import re
 import shutil
-import tempfile
+import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,13 +66,24 @@ def _header(path: Path) -> dict[str, TensorInfo]:
         raise WeightsError(f"{path}: not a readable safetensors file ({e})") from e
 
 
+def _shard_name(index: Path, key: object, name: object) -> str:
+    """An index entry's shard: a file inside the model directory, never `../x` or an absolute path."""
+    if not isinstance(name, str) or not name:
+        raise WeightsError(f"{index}: weight_map[{key!r}]={name!r} is not a file name")
+    if Path(name).is_absolute() or name.startswith(("/", "\\")) or ".." in name.replace("\\", "/").split("/"):
+        raise WeightsError(f"{index}: weight_map[{key!r}]={name!r} points outside {index.parent}; shards must be "
+                           "files inside the model directory")
+    return name
+
+
 def _weight_files(directory: Path, stem: str) -> list[Path]:
     index = directory / f"{stem}.safetensors.index.json"
     if index.is_file():
         weight_map = read_json(index).get("weight_map")
         if not isinstance(weight_map, dict):
             raise WeightsError(f"{index}: missing or malformed 'weight_map'")
-        files = [directory / name for name in sorted(set(weight_map.values()))]
+        names = {_shard_name(index, key, name) for key, name in weight_map.items()}
+        files = [directory / name for name in sorted(names)]
         for file in files:
             if not file.is_file():
                 raise WeightsError(f"{index}: names shard {file.name}, which does not exist in {directory}")
@@ -102,8 +113,38 @@ def read_header(directory: str | os.PathLike, stem: str) -> dict[str, TensorInfo
     return infos
 
 
+# safetensors dtype names of floating-point tensors; anything else (I64, BOOL, U8, ...) is not a parameter.
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
+
+
+def check_header_dtypes(infos: Mapping[str, TensorInfo], keys: list[str]) -> None:
+    """WeightsError naming the file and key of the first non-float tensor among `keys`, before any data is read.
+
+    A parameter loaded from an integer or bool tensor would be cast to float without a word."""
+    for key in keys:
+        info = infos[key]
+        if info.dtype not in FLOAT_DTYPES:
+            raise WeightsError(f"{info.file}: tensor {key!r} has dtype {info.dtype}; a parameter must be floating "
+                               f"point ({'/'.join(FLOAT_DTYPES)}); refusing to cast it")
+
+
+def check_array(array: np.ndarray, key: str, source: str | os.PathLike) -> np.ndarray:
+    """`array` if it is a finite floating-point tensor; else WeightsError naming `source` and `key`."""
+    import jax.numpy as jnp  # jnp knows bfloat16 and float8, numpy does not
+    if not jnp.issubdtype(array.dtype, jnp.floating):
+        raise WeightsError(f"{source}: tensor {key!r} has dtype {array.dtype}; a parameter must be floating point; "
+                           "refusing to cast it")
+    finite = np.isfinite(array)
+    if not finite.all():
+        bad = int(array.size - np.count_nonzero(finite))
+        raise WeightsError(f"{source}: tensor {key!r} holds {bad} NaN/Inf value(s) of {array.size}; the weights "
+                           "are corrupt or diverged")
+    return array
+
+
 def load_tensors(infos: Mapping[str, TensorInfo], keys: list[str]) -> Iterator[tuple[str, np.ndarray]]:
-    """Yields (key, array) one at a time, opening each shard once."""
+    """Yields (key, array) one at a time, opening each shard once; each is checked finite and floating point."""
+    check_header_dtypes(infos, keys)
     by_file: dict[Path, list[str]] = {}
     for key in keys:
         by_file.setdefault(infos[key].file, []).append(key)
@@ -111,19 +152,25 @@ def load_tensors(infos: Mapping[str, TensorInfo], keys: list[str]) -> Iterator[t
         try:
             with safe_open(str(file), framework="numpy") as f:
                 for key in file_keys:
-                    yield key, f.get_tensor(key)
+                    yield key, check_array(f.get_tensor(key), key, file)
+        except WeightsError:
+            raise
         except (SafetensorError, OSError, ValueError) as e:
             raise WeightsError(f"{file}: could not read tensor data ({e}); the file may be truncated") from e
 
 
 @contextlib.contextmanager
 def atomic_directory(out_dir: str | os.PathLike) -> Iterator[Path]:
-    """Yields a temporary directory that replaces `out_dir` only if the block succeeds."""
+    """Yields a temporary directory that replaces `out_dir` only if the block succeeds. The published
+    tree gets the permissions of any file the user creates (0755 dirs / 0644 files with umask 022),
+    not the owner-only 0700 / 0600 of temporary files (mkdtemp, safetensors' own scratch file)."""
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
     try:
         yield tmp
+        _normal_permissions(tmp)
         if out_dir.exists():
             old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
             os.replace(out_dir, old)
@@ -134,6 +181,30 @@ def atomic_directory(out_dir: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
+
+
+def _umask() -> int:
+    try:  # Linux reports it without changing it (os.umask can only be read by setting it)
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _normal_permissions(directory: Path) -> None:
+    """chmod the tree to 0777 / 0666 (dirs / files) minus the umask."""
+    umask = _umask()
+    os.chmod(directory, 0o777 & ~umask)
+    for root, dirs, files in os.walk(directory):
+        for name in dirs:
+            os.chmod(os.path.join(root, name), 0o777 & ~umask)
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o666 & ~umask)
 
 
 def write_tensors(tensors: Mapping[str, np.ndarray], directory: Path, stem: str,

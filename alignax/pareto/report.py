@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import glob
 import json
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,9 @@ import numpy as np
 from alignax.errors import DataError
 from alignax.pareto.front import hypervolume, non_dominated
 
+# status.json states (written by the trainer in the run's workdir) that make a point untrustworthy.
+FLAGGED_STATES = ("diverged", "nonfinite", "failed")
+
 
 @dataclasses.dataclass(frozen=True)
 class Evaluation:
@@ -29,6 +33,11 @@ class Evaluation:
     weights: Any
     rewards: dict[str, float]
     path: str
+    status: dict | None = None  # the run's status.json beside the evaluation, when there is one
+
+    @property
+    def flagged(self) -> bool:
+        return bool(self.status) and self.status.get("state") in FLAGGED_STATES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,7 +71,16 @@ def read(path: str) -> Evaluation:
         raise DataError(f"{path}: expected a 'rewards' mapping {{name: mean score}}, found {rewards!r}")
     run = raw.get("run") or Path(path).parent.name
     return Evaluation(str(run), int(raw.get("step", -1)), raw.get("weights"),
-                      {k: float(v) for k, v in rewards.items()}, path)
+                      {k: float(v) for k, v in rewards.items()}, path, _status(Path(path).parent / "status.json"))
+
+
+def _status(path: Path) -> dict | None:
+    """The run's status.json (how training ended), or None when absent or unreadable."""
+    try:
+        status = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return status if isinstance(status, dict) else None
 
 
 def latest_per_run(evaluations: list[Evaluation]) -> list[Evaluation]:
@@ -104,11 +122,18 @@ def markdown(report: Report) -> str:
     header = ["run", "step", "weights", *report.names, "on front"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for e, point, front in zip(report.evaluations, report.points, report.on_front, strict=True):
-        cells = [e.run, str(e.step), _weights_text(e.weights), *(f"{v:.6g}" for v in point), "✓" if front else ""]
+        run = f"{e.run} ⚠ {e.status['state']}" if e.flagged else e.run
+        cells = [run, str(e.step), _weights_text(e.weights), *(f"{v:.6g}" for v in point), "✓" if front else ""]
         lines.append("| " + " | ".join(cells) + " |")
     reference = ", ".join(f"{n}={v:.6g}" for n, v in zip(report.names, report.reference, strict=True))
     lines += ["", f"{int(report.on_front.sum())} of {len(report.evaluations)} runs on the front; "
                   f"hypervolume {report.hypervolume:.6g} above reference ({reference})."]
+    flagged = [e for e in report.evaluations if e.flagged]
+    if flagged:
+        lines += ["", f"⚠ {len(flagged)} run(s) did not end cleanly (their status.json); treat their points with "
+                      "care:"]
+        lines += [f"- {e.run}: {e.status['state']} at step {e.status.get('step')}"
+                  + (f": {e.status['reason']}" if e.status.get("reason") else "") for e in flagged]
     return "\n".join(lines) + "\n"
 
 
@@ -151,12 +176,15 @@ def main(argv: list[str]) -> None:
         Path(f.out).parent.mkdir(parents=True, exist_ok=True)
         Path(f.out).write_text(text)
         png = scatter(report, Path(f.out).with_suffix(".png"))
-        if png:
-            print(f"scatter plot: {png}")
+        print(f"wrote the report of {len(paths)} evaluations to {f.out}" + (f" and the scatter plot to {png}" if png
+                                                                           else ""), file=sys.stderr)
 
 
-if __name__ == "__main__":
-    from absl import app, flags
+def cli() -> None:
+    """`alignax-report` / `python -m alignax.pareto.report`: flags defined here, not at import."""
+    from absl import flags
+
+    from alignax import cli as cli_lib
 
     flags.DEFINE_string("evals", None, "glob(s) of evaluation JSONs, comma-separated (quote them)")
     flags.DEFINE_string("out", None, "write the markdown table here (and a .png scatter for two rewards)")
@@ -164,4 +192,8 @@ if __name__ == "__main__":
     flags.DEFINE_float("margin", 0.1, "default reference: per-reward min − margin × (max − min)")
     flags.DEFINE_bool("all_steps", False, "one point per evaluation instead of per run's latest step")
     flags.mark_flags_as_required(["evals"])
-    app.run(main)
+    cli_lib.run_main(main)
+
+
+if __name__ == "__main__":
+    cli()

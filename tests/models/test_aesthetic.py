@@ -79,3 +79,18 @@ def test_missing_file(tmp_path):
     with pytest.raises(WeightsError, match="file not found"):
         load_aesthetic(tmp_path / FILE)
 
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda s: s.update({"layers.2.weight": (s["layers.2.weight"] * 100).to(torch.int64)}),
+     r"tensor 'layers\.2\.weight' has dtype int64; a parameter must be floating point"),
+    (lambda s: s.update({"layers.7.bias": s["layers.7.bias"] > 0}), r"tensor 'layers\.7\.bias' has dtype bool"),
+    (lambda s: s["layers.4.weight"].view(-1)[:3].fill_(float("nan")), r"tensor 'layers\.4\.weight' holds 3 NaN/Inf"),
+    (lambda s: s["layers.0.bias"].fill_(float("-inf")), r"tensor 'layers\.0\.bias' holds 1024 NaN/Inf"),
+])
+def test_non_float_and_non_finite_tensors_are_refused(tmp_path, edit, match):
+    state = MLP().state_dict()
+    edit(state)
+    torch.save(state, tmp_path / FILE)
+    with pytest.raises(WeightsError, match=rf"{FILE.replace('+', '.')}: {match}"):
+        load_aesthetic(tmp_path / FILE)

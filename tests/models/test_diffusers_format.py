@@ -1,6 +1,7 @@
 """load_diffusers / save_diffusers: round trips through diffusers, sharding, bf16, bad inputs, atomicity."""
 
 import json
+import re
 import shutil
 
 import jax
@@ -187,3 +188,43 @@ def test_unsupported_config_value(saved, tmp_path):
     (path / "config.json").write_text(json.dumps(config))
     with pytest.raises(WeightsError, match="qk_norm='l2'"):
         load_diffusers(path)
+
+
+# --- values that used to load silently: non-float dtypes, NaN/Inf, index entries outside the directory ----
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda t: t.update({"proj_out.weight": t["proj_out.weight"].astype(np.int32)}),
+     r"diffusion_pytorch_model\.safetensors: tensor 'proj_out\.weight' has dtype I32"),
+    (lambda t: t.update({"proj_out.bias": t["proj_out.bias"] > 0}),
+     r"diffusion_pytorch_model\.safetensors: tensor 'proj_out\.bias' has dtype BOOL"),
+    (lambda t: t["proj_out.weight"].__setitem__((0, 1), np.nan),
+     r"diffusion_pytorch_model\.safetensors: tensor 'proj_out\.weight' holds 1 NaN/Inf value"),
+    (lambda t: t.update({"proj_out.bias": np.full_like(t["proj_out.bias"], np.inf, dtype=np.float16)}),
+     r"tensor 'proj_out\.bias' holds 16 NaN/Inf value"),
+])
+def test_non_float_and_non_finite_tensors_are_refused(saved, tmp_path, edit, match):
+    path = _copy(saved, tmp_path)
+    _rewrite_weights(path, edit)
+    with pytest.raises(WeightsError, match=match):
+        load_diffusers(path)
+
+
+@pytest.mark.parametrize("entry", ["../outside.safetensors", "sub/../../outside.safetensors",
+                                   "/abs/outside.safetensors"])
+def test_index_entries_outside_the_directory_are_refused(saved, tmp_path, entry):
+    out = save_diffusers(load_diffusers(saved), tmp_path / "model" / "sharded", max_shard_size=20_000)
+    index_file = out / "diffusion_pytorch_model.safetensors.index.json"
+    index = json.loads(index_file.read_text())
+    # The first shard moved to where the entry points: the model still loads, unless the path is refused.
+    first_key = sorted(index["weight_map"])[0]
+    shard = index["weight_map"][first_key]
+    if entry.startswith("/"):
+        entry = str(tmp_path / entry[1:])
+    target = out / entry  # an absolute `entry` replaces `out`
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(out / shard, target)
+    index["weight_map"] = {k: entry if v == shard else v for k, v in index["weight_map"].items()}
+    index_file.write_text(json.dumps(index))
+    with pytest.raises(WeightsError, match=rf"index\.json: weight_map\['{re.escape(first_key)}'\]="
+                                           rf"'{re.escape(entry)}' points outside"):
+        load_diffusers(out)

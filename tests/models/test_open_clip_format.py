@@ -215,3 +215,15 @@ def test_matches_open_clips_own_model_code(quick_gelu, tmp_path):
     print(f"open_clip {reference['open_clip_version']} ({'quick_gelu' if quick_gelu else 'gelu'}): {errors}")
     assert max(errors.values()) <= 1e-5, errors
     np.testing.assert_allclose(float(model.params["logit_scale"]), float(reference["logit_scale"]), rtol=1e-6)
+
+
+@pytest.mark.parametrize("key, value, match", [
+    ("text_projection", lambda v: v.to(torch.int32), r"tensor 'text_projection' has dtype int32"),
+    ("transformer.resblocks.0.attn.in_proj_weight", lambda v: v.index_fill(0, torch.tensor([5]), float("nan")),
+     r"tensor 'transformer\.resblocks\.0\.attn\.in_proj_weight' holds 32 NaN/Inf"),
+])
+def test_non_float_and_non_finite_tensors_name_the_open_clip_key(case, tmp_path, key, value, match):
+    path = tmp_path / "bad.pt"
+    torch.save({**case.state, key: value(case.state[key])}, path)
+    with pytest.raises(WeightsError, match=rf"bad\.pt: {match}"):
+        load_open_clip(path, model_config=MODEL_CONFIG)
