@@ -10,13 +10,15 @@ defaults come from the objective registry, so each objective owns its own knobs.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
 from typing import Any
 
 import ml_collections
 
 from alignax import mesh as mesh_lib
+from alignax import objectives, pareto
 from alignax.errors import ConfigError
+from alignax.rewards import setup as reward_setup
+from alignax.schema import check_against
 
 # A tiny MM-DiT and VAE: the defaults used when no pretrained weights are given.
 TINY_TRANSFORMER = dict(sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8,
@@ -42,8 +44,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.log_every = 10
     c.checkpoint_every = 100
     c.keep_checkpoints = 3
-    c.eval_every = 0                 # sample-grid cadence; 0 disables
+    c.checkpoint_on_damage = "fallback"  # an unreadable newest step: 'fallback' to an older one, or 'stop'
+    c.eval_every = -1                # sample-grid cadence: -1 = about 4 grids per run (follows total_steps); 0 disables
     c.max_nonfinite_steps = 5        # consecutive skipped (NaN/Inf) steps before halting
+    # Halts a finite divergence (alignax/training/divergence.py): |loss| or the param norm above `*_factor` × its
+    # running median over `window` steps, or the param norm above `param_norm_max` (0: no bound).
+    c.divergence = ml_collections.ConfigDict(dict(enabled=False, window=20, loss_factor=100.0, param_norm_factor=10.0,
+                                                  param_norm_max=0.0))
 
     c.mesh = ml_collections.ConfigDict(dict(
         shape=(-1, 1, 1), axes=mesh_lib.DEFAULT_AXES,
@@ -76,44 +83,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.pareto = ml_collections.ConfigDict(dict(weights=None, scalarization="weighted_sum", normalization=None,
                                               ideal=None))
 
-    # negative_embeddings: an .npz of the encoded negative prompt for guidance (alignax/negative_prompt.py).
+    # negative_embeddings: an .npz of the encoded negative prompt (alignax/conditioning/negative_prompt.py).
     c.sample = ml_collections.ConfigDict(dict(num_steps=10, shift=3.0, guidance_scale=1.0, num_images=4,
                                               negative_embeddings=""))
     return c
-
-
-def _is_free_form(path: str, free_form: Sequence[str]) -> bool:
-    return any(path == f or path.startswith(f + ".") for f in free_form)
-
-
-def _type_ok(default: Any, value: Any) -> bool:
-    if default is None or value is None:
-        return True
-    if isinstance(default, bool) or isinstance(value, bool):
-        return isinstance(default, bool) and isinstance(value, bool)
-    if isinstance(default, float):
-        return isinstance(value, int | float)
-    if isinstance(default, Sequence) and not isinstance(default, str):
-        return isinstance(value, Sequence) and not isinstance(value, str)
-    return isinstance(value, type(default))
-
-
-def check_against(schema: Mapping[str, Any], config: Mapping[str, Any], prefix: str = "config",
-                  free_form: Sequence[str] = ()) -> None:
-    """Unknown keys and wrong types, recursively; free-form subtrees are checked by their owners."""
-    for key, value in config.items():
-        path = f"{prefix}.{key}"
-        if key not in schema:
-            raise ConfigError(f"{path}: unknown key; {prefix} accepts {sorted(schema)}")
-        default = schema[key]
-        if _is_free_form(path.removeprefix("config."), free_form):
-            continue
-        if isinstance(default, Mapping):
-            if not isinstance(value, Mapping):
-                raise ConfigError(f"{path}: expected a mapping, found {type(value).__name__} {value!r}")
-            check_against(default, value, path, free_form)
-        elif not _type_ok(default, value):
-            raise ConfigError(f"{path}: expected {type(default).__name__}, found {type(value).__name__} {value!r}")
 
 
 def _positive(config: ml_collections.ConfigDict, *fields: str) -> None:
@@ -125,15 +98,50 @@ def _positive(config: ml_collections.ConfigDict, *fields: str) -> None:
             raise ConfigError(f"config.{field}={value!r}: expected a positive number")
 
 
+def _get(config: ml_collections.ConfigDict, field: str) -> Any:
+    value = config
+    for part in field.split("."):
+        value = value[part]
+    return value
+
+
+def _number(config: ml_collections.ConfigDict, field: str, expected: str, ok, *, integer: bool = False) -> None:
+    """ConfigError naming `config.<field>` unless it is a finite (integer, if asked) number with `ok(value)`."""
+    value = _get(config, field)
+    kinds = int if integer else int | float
+    if isinstance(value, bool) or not isinstance(value, kinds) or not math.isfinite(value) or not ok(value):
+        raise ConfigError(f"config.{field}={value!r}: expected {expected}")
+
+
+def _check_values(config: ml_collections.ConfigDict) -> None:
+    """Values that type-check but run silently wrong (NaN guidance, negative sigmas, an EMA that never moves)."""
+    _number(config, "seed", f"an integer in [0, {2**32 - 1}]", lambda v: 0 <= v <= 2**32 - 1, integer=True)
+    _number(config, "sample.guidance_scale", "a finite number (1.0: no guidance)", lambda v: True)
+    _number(config, "sample.shift", "a finite number > 0 (the SD3 sigma shift; 1.0: none)", lambda v: v > 0)
+    _number(config, "ema.decay", "a number in [0, 1)", lambda v: 0 <= v < 1)
+    _number(config, "ema.every", "an integer >= 1 (update the EMA every N steps)", lambda v: v >= 1, integer=True)
+    for beta in ("optim.b1", "optim.b2"):
+        _number(config, beta, "a number in [0, 1) (Adam moment decay)", lambda v: 0 <= v < 1)
+    _number(config, "eval_every", "an integer >= -1 (-1: about 4 grids per run; 0 disables sample grids)",
+            lambda v: v >= -1, integer=True)
+    _number(config, "divergence.window", "an integer >= 1 (steps in the running median)", lambda v: v >= 1,
+            integer=True)
+    for factor in ("divergence.loss_factor", "divergence.param_norm_factor"):
+        _number(config, factor, "a number > 1 (how many times its running median is divergence)", lambda v: v > 1)
+    _number(config, "divergence.param_norm_max", "a number >= 0 (0: no bound)", lambda v: v >= 0)
+    _number(config, "max_nonfinite_steps", "an integer >= 1 (consecutive NaN/Inf steps before halting)",
+            lambda v: v >= 1, integer=True)
+
+
 def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) -> ml_collections.ConfigDict:
     """Raises ConfigError naming the first bad field; returns the config for chaining."""
-    from alignax import objectives
-    from alignax.pareto.scalarize import validate_weights  # the package re-exports a function named `scalarize`
-    from alignax.rewards import setup as reward_setup
-
     check_against(base_config().to_dict(), config.to_dict(), free_form=FREE_FORM)
     _positive(config, "total_steps", "batch_size", "grad_accum_steps", "log_every", "checkpoint_every",
               "keep_checkpoints", "optim.learning_rate", "sample.num_steps")
+    _check_values(config)
+    if config.checkpoint_on_damage not in ("fallback", "stop"):
+        raise ConfigError(f"config.checkpoint_on_damage={config.checkpoint_on_damage!r}: expected 'fallback' "
+                          "(resume from the newest readable step) or 'stop'")
     if config.batch_size % config.grad_accum_steps:
         raise ConfigError(f"config.batch_size={config.batch_size} is not divisible by "
                           f"config.grad_accum_steps={config.grad_accum_steps}")
@@ -147,8 +155,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
             raise ConfigError(f"config.batch_size={config.batch_size} (per micro-batch "
                               f"{config.batch_size // config.grad_accum_steps}) does not divide over the "
                               f"{batch_shards} data×fsdp shards of config.mesh.shape={shape}")
-    objectives.validate_config(config.objective)
+    objectives.validate_config(config.objective, config)
     reward_setup.validate_config(config.rewards)
-    if config.rewards or config.pareto.weights:
-        validate_weights(config.pareto.weights, list(config.rewards.keys()), field="config.pareto.weights")
+    if config.rewards or config.pareto.weights:  # the one check of config.pareto (RunSettings resolves it again)
+        pareto.resolve_config(config.pareto, list(config.rewards.keys()))
     return config

@@ -9,8 +9,9 @@ function of (config, step): the RNG is `fold_in(key(seed), step)` and the data b
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
-import signal
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -24,16 +25,16 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
 from alignax import config as config_lib
+from alignax import fs, objectives, sampling
 from alignax import mesh as mesh_lib
-from alignax import objectives, sampling
+from alignax import rng as rng_lib
 from alignax.conditioning import negative_prompt
 from alignax.errors import AlignaxError
 from alignax.models import setup as model_setup
-from alignax.objectives import trajectory
 from alignax.rewards import setup as reward_setup
 from alignax.training import checkpoint as checkpoint_lib
 from alignax.training import ema as ema_lib
-from alignax.training import optim, train_state
+from alignax.training import lora, optim, preemption, train_state, workdir_lock
 
 log = logging.getLogger("alignax")
 PyTree = Any
@@ -50,6 +51,20 @@ class RunResult:
     state: PyTree
 
 
+@dataclasses.dataclass
+class _RunRecord:
+    """What run()'s cleanup needs to know, whichever way the loop ended."""
+    step: int | None = None
+    state: str = "failed"            # status.json: finished | preempted | diverged | nonfinite | failed | stopped
+    reason: str = ""
+    failed: bool = False             # an exception is propagating
+    writer: Any = None
+    progress: Any = None
+    pending: list = dataclasses.field(default_factory=list)   # (step, device metrics) not yet fetched
+    rows: list = dataclasses.field(default_factory=list)      # (step, host metrics) fetched, not yet written
+    window_start: float = 0.0
+
+
 class Trainer:
     """Builds models, state and the compiled step from a validated config; `run()` trains."""
 
@@ -57,35 +72,45 @@ class Trainer:
                  async_checkpoints: bool = True):
         config_lib.validate(config, mesh.size if mesh is not None else jax.device_count())
         self.config = config
-        self.workdir = Path(workdir)
+        self.workdir = fs.absolute(workdir)  # a string: Path() would turn gs://b/run into the local gs:/b/run
         self.mesh = mesh or mesh_lib.make_mesh(config.mesh.shape, config.mesh.axes)
         self.rules = tuple((name, tuple(axes) if isinstance(axes, list) else axes) for name, axes in config.mesh.rules)
         self.is_main = jax.process_index() == 0
         self._preempted = False
         self._generate = None  # the jitted sampler of `sample_images`, built on first use
 
+        # One run per workdir, refused before any model is built; released by close().
+        self.workdir_lock = workdir_lock.WorkdirLock(workdir).acquire() if self.is_main else None
+        try:
+            self._build(config, workdir, async_checkpoints)
+        except BaseException:
+            self.close()
+            raise
+
+    def _build(self, config: ml_collections.ConfigDict, workdir: str | Path, async_checkpoints: bool) -> None:
+        """Models, params, the train state's shardings and the checkpointer."""
         t_src, transformer, v_src, vae_module = model_setup.build_modules(config.model)
         if config.lora.enabled and t_src.directory is None:
             log.warning("LoRA on a randomly initialised MM-DiT: its adaLN-Zero gates and proj_out start at 0, so "
                         "no gradient reaches the adapters; set config.model.pretrained to train a LoRA")
         rewards = reward_setup.build(config.rewards)
-        lora_spec = optim_lora_spec(config)
+        lora_spec = lora.LoraSpec.for_run(config.lora)
         scale, shift = model_setup.vae_scaling(vae_module)
         self.negatives = negative_prompt.for_run(config.sample, transformer.config)  # checked before compiling
-        self.models = objectives.Models(transformer, vae_module, scale, shift, lora=lora_spec, rewards=rewards,
-                                        sample_config=config.sample, pareto=config.pareto)
-        self.objective = objectives.build(config.objective, self.models)
+        self.models = objectives.Models(transformer, vae_module, scale, shift, lora=lora_spec, rewards=rewards)
+        self.objective = objectives.build(config.objective, self.models, objectives.RunSettings.from_config(config))
 
-        root = jax.random.key(config.seed)
+        root = rng_lib.run_key(config.seed)
         with mesh_lib.use_mesh(self.mesh, self.rules):
-            base, base_specs = model_setup.load_params_sharded(t_src, transformer, jax.random.fold_in(root, 1),
-                                                               self.mesh, self.rules)
-            vae_params, vae_specs = model_setup.load_params_sharded(v_src, vae_module, jax.random.fold_in(root, 2),
-                                                                    self.mesh, self.rules)
+            base, base_specs = model_setup.load_params_sharded(
+                t_src, transformer, rng_lib.init_key(root, rng_lib.TRANSFORMER_INIT), self.mesh, self.rules)
+            vae_params, vae_specs = model_setup.load_params_sharded(
+                v_src, vae_module, rng_lib.init_key(root, rng_lib.VAE_INIT), self.mesh, self.rules)
             self.frozen, frozen_specs = self._frozen(base, base_specs, vae_params, vae_specs, rewards)
             self.frozen_shardings = train_state.to_shardings(frozen_specs, self.frozen, self.mesh, self.rules)
             self._build_state(base, base_specs, root)
-        self.checkpointer = checkpoint_lib.Checkpointer(self.workdir, keep=config.keep_checkpoints,
+        # `workdir` as given: a gs:// URL must reach orbax intact (Path() would make it gs:/...).
+        self.checkpointer = checkpoint_lib.Checkpointer(workdir, keep=config.keep_checkpoints,
                                                         async_save=async_checkpoints)
 
     # ---- construction -------------------------------------------------------------------------
@@ -114,7 +139,6 @@ class Trainer:
             if lora_spec is None:
                 trainable, specs = {"transformer": base_params}, {"transformer": base_specs}
             else:
-                from alignax.training import lora
                 weights = lora.init_lora(base_params, spec=lora_spec, rng=rng)
                 trainable = {"transformer": weights}
                 specs = {"transformer": lora.lora_logical_specs(weights, base_specs)}
@@ -130,7 +154,7 @@ class Trainer:
             holder["specs"] = specs
             return trainable
 
-        abstract = jax.eval_shape(abstract_trainable, base, jax.random.fold_in(root, 3))
+        abstract = jax.eval_shape(abstract_trainable, base, rng_lib.init_key(root, rng_lib.TRAINABLE_INIT))
         trainable_specs = holder["specs"]
         self.tx, self.schedule = optim.make_optimizer(config.optim, abstract, config.total_steps)
 
@@ -148,7 +172,8 @@ class Trainer:
                 "nonfinite": {"consecutive": jnp.zeros((), jnp.int32), "total": jnp.zeros((), jnp.int32)},
             }
 
-        self.abstract_state = jax.eval_shape(make_state, base, self.frozen, jax.random.fold_in(root, 3))
+        self.abstract_state = jax.eval_shape(make_state, base, self.frozen,
+                                             rng_lib.init_key(root, rng_lib.TRAINABLE_INIT))
         state_specs = {
             "step": PartitionSpec(), "rng": PartitionSpec(),
             "trainable": trainable_specs,
@@ -165,7 +190,7 @@ class Trainer:
     def initial_state(self) -> PyTree:
         with mesh_lib.use_mesh(self.mesh, self.rules):
             return self._make_state(self._base_for_init, self.frozen,
-                                    jax.random.fold_in(jax.random.key(self.config.seed), 3))
+                                    rng_lib.init_key(self.config.seed, rng_lib.TRAINABLE_INIT))
 
     # ---- the step -----------------------------------------------------------------------------
 
@@ -207,7 +232,7 @@ class Trainer:
 
     def train_step(self, state: PyTree, frozen: PyTree, batch: dict) -> tuple[PyTree, dict]:
         step = state["step"]
-        rng = jax.random.fold_in(jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), step), 0)
+        rng = rng_lib.step_key(jax.random.wrap_key_data(state["rng"]), step)
         loss, metrics, objective_state, grads = self._loss_and_grads(state["trainable"], frozen, state["objective"],
                                                                      batch, rng)
         finite = jnp.isfinite(loss) & train_state.tree_all_finite(grads)
@@ -225,6 +250,7 @@ class Trainer:
                      "nonfinite": {"consecutive": consecutive,
                                    "total": state["nonfinite"]["total"] + (~finite).astype(jnp.int32)}}
         metrics = {**metrics, "grad_norm": optax.tree.norm(grads), "learning_rate": self.schedule(step),
+                   "param_norm": optax.tree.norm(new_state["trainable"]),
                    "finite": finite.astype(jnp.float32), "nonfinite_consecutive": consecutive}
         return new_state, metrics
 
@@ -255,9 +281,11 @@ class Trainer:
 
     def make_loader(self, split: str | None = None):
         from alignax import data
+        from alignax.data import check
         from alignax.data import setup as data_setup
         path = data_setup.dataset_path(self.config.data, self.objective.data)
         source = data.open_dataset(path, split or self.config.data.split)
+        check.check_dataset(source, self.objective, self.models.transformer.config, self.models.vae.config)
         return data.Loader(source, global_batch_size=self.config.batch_size, seed=self.config.seed,
                            process_index=jax.process_index(), process_count=jax.process_count(),
                            shuffle=self.config.data.shuffle)
@@ -278,94 +306,247 @@ class Trainer:
 
     # ---- the loop -----------------------------------------------------------------------------
 
+    def resolved_config(self) -> dict:
+        """The config as this run uses it (objective defaults merged, `-1` mesh sizes filled in): what
+        checkpoints store and what a resumed run's config is compared with."""
+        return checkpoint_lib.resolved_config(self.config, self.mesh.size)
+
     def restore_or_init(self) -> PyTree:
-        step = self.checkpointer.latest_step()
-        if step is None:
-            return self.initial_state()
-        checkpoint_lib.check_compatible(self.checkpointer.saved_config(step), self.config.to_dict(),
-                                        self.checkpointer.directory)
-        log.info("resuming from %s step %d", self.checkpointer.directory, step)
+        """The newest readable checkpoint's state (unreadable newer steps are reported and skipped, or
+        stop the run, by config.checkpoint_on_damage), or a fresh state when there is none."""
+        current = self.resolved_config()
+        directory = self.checkpointer.directory
         with mesh_lib.use_mesh(self.mesh, self.rules):
-            return self.checkpointer.restore(step, self.abstract_state, self.state_shardings)
+            restored = self.checkpointer.restore_latest(
+                self.abstract_state, self.state_shardings, on_damage=self.config.checkpoint_on_damage,
+                check_config=lambda saved: checkpoint_lib.check_compatible(saved, current, directory))
+        if restored is None:
+            return self.initial_state()
+        step, state = restored
+        log.info("resuming from %s step %d", directory, step)
+        return state
 
     def save(self, state: PyTree) -> None:
+        """Checkpoints `state` with the resolved config; a step already saved is not saved again, and
+        a state with NaN/inf anywhere (params, optimiser state, EMA, objective state) never is."""
         step = int(jax.device_get(state["step"]))
-        if not bool(jax.jit(train_state.tree_all_finite)(state["trainable"])):
-            raise NonFiniteError(f"step {step}: refusing to checkpoint non-finite params")
-        self.checkpointer.save(step, state, self.config.to_dict())
+        if step in self.checkpointer.all_steps():
+            return
+        bad = checkpoint_lib.nonfinite_parts(state)
+        if bad:
+            raise NonFiniteError(f"step {step}: refusing to checkpoint non-finite values in "
+                                 f"{', '.join(f'state[{part!r}]' for part in bad)}")
+        self.checkpointer.save(step, state, self.resolved_config())
+
+    def close(self) -> None:
+        """Releases the workdir lock (idempotent). Call it once saves in flight have finished
+        (`checkpointer.wait()`); run() does so on every exit."""
+        lock = getattr(self, "workdir_lock", None)
+        if lock is not None:
+            lock.release()
 
     def _on_sigterm(self, signum, frame) -> None:
-        log.warning("SIGTERM: saving at the next step boundary")
+        preemption.request(signum, frame)
         self._preempted = True
 
     def _preemption_agreed(self) -> bool:
-        if jax.process_count() == 1:
-            return self._preempted
-        flags = multihost_utils.process_allgather(np.asarray(self._preempted))
-        return bool(np.any(flags))
+        """Whether any process was asked to stop, before or during run() (a collective with several
+        processes: every process calls it at the same points)."""
+        return preemption.agreed(self._preempted)
 
     def run(self, *, stop_after: int | None = None) -> RunResult:
-        """Trains to `config.total_steps` (or `stop_after` steps from the start, for tests)."""
+        """Trains to `config.total_steps` (or `stop_after` steps from the start, for tests).
+
+        SIGTERM (see alignax.training.preemption; a request made before run() counts too) stops at
+        the next step boundary with that step saved, or before the first step with nothing to
+        save. Every exit (finished, preempted, a halt, any exception, Ctrl-C) then finishes the
+        checkpoint save in flight, writes the metrics rows not yet written, closes the writers,
+        writes `workdir/status.json` and releases the workdir, and only then re-raises the
+        original error: a failure after a save never costs that checkpoint."""
+        previous = preemption.install()
+        run = _RunRecord()
+        try:
+            return self._run(run, stop_after)
+        except BaseException as error:
+            run.failed = True
+            run.state, run.reason = _status_of(error)
+            raise
+        finally:
+            preemption.restore(previous)
+            self._finish(run)
+
+    def _run(self, run: _RunRecord, stop_after: int | None) -> RunResult:
+        from alignax.training import divergence
         from alignax.training import metrics as metrics_lib
         config = self.config
-        previous = signal.signal(signal.SIGTERM, self._on_sigterm)
-        writer = metrics_lib.MetricsWriter(self.workdir, enabled=self.is_main)
-        progress = metrics_lib.ConsoleProgress(config.total_steps, enabled=self.is_main)
-        try:
-            state = self.restore_or_init()
-            start = int(jax.device_get(state["step"]))
-            loader = self.make_loader()
-            first = self.device_batch(loader.batch_at(start))
-            compiled = self.compile(first)
-            if self.is_main:
-                writer.scalars(start, {f"compile/{k}": v for k, v in self.compiled_stats.items()})
-            end = config.total_steps if stop_after is None else min(config.total_steps, start + stop_after)
-            pending: list[tuple[int, dict]] = []
-            tick, tick_step = time.perf_counter(), start
-            step = start
-            while step < end:
-                batch = first if step == start else self.device_batch(loader.batch_at(step))
-                state, metrics = compiled(state, self.frozen, batch)
-                step += 1
-                pending.append((step, metrics))
-                if step % config.log_every == 0 or step == end:
-                    tick, tick_step = self._report(pending, writer, progress, tick, tick_step, step)
-                    pending = []
-                if step % config.checkpoint_every == 0 or step == config.total_steps:
-                    self.save(state)
-                if config.eval_every and (step % config.eval_every == 0 or step == config.total_steps):
-                    self.write_samples(state, writer, step)
-                if self._preemption_agreed():
-                    self.save(state)
-                    self.checkpointer.wait()
-                    log.warning("preempted: saved step %d", step)
-                    return RunResult(step, True, state)
-            self.checkpointer.wait()
-            return RunResult(step, False, state)
-        finally:
-            signal.signal(signal.SIGTERM, previous)
-            progress.finish()
-            writer.close()
+        if self._preemption_agreed():
+            run.step = self.checkpointer.latest_step() or 0
+            return self._preempted_before_start(run, None, "before restoring the state")
+        state = self.restore_or_init()
+        start = run.step = int(jax.device_get(state["step"]))
+        run.writer = metrics_lib.MetricsWriter(self.workdir, enabled=self.is_main, purge_step=start)
+        dropped = run.writer.truncate(start)
+        if dropped:
+            log.info("metrics.jsonl: dropped %d rows past step %d (this run writes them again)", dropped, start)
+        if start:
+            self._record_config_changes(start, run.writer)
+        run.progress = metrics_lib.ConsoleProgress(config.total_steps, enabled=self.is_main)
+        if self._preemption_agreed():
+            return self._preempted_before_start(run, state, "after restoring the state")
+        loader = self.make_loader()
+        first = self.device_batch(loader.batch_at(start))
+        compiled = self.compile(first)
+        run.writer.scalars(start, {f"compile/{k}": v for k, v in self.compiled_stats.items()})
+        if self._preemption_agreed():
+            return self._preempted_before_start(run, state, "after compiling")
+        end = config.total_steps if stop_after is None else min(config.total_steps, start + stop_after)
+        interval = sample_interval(config)
+        guard = divergence.DivergenceGuard(config.get("divergence") or {})
+        saved = start  # the step on disk (a restored one); never saved twice
+        step = start
+        run.window_start = time.perf_counter()
+        while step < end:
+            batch = first if step == start else self.device_batch(loader.batch_at(step))
+            state, metrics = compiled(state, self.frozen, batch)
+            step += 1
+            run.step = step
+            run.pending.append((step, metrics))
+            checkpoint_now = step % config.checkpoint_every == 0 or step == config.total_steps
+            sample_now = bool(interval) and (step % interval == 0 or step == config.total_steps)
+            preempted = self._preemption_agreed()
+            if not (checkpoint_now or sample_now or preempted or step == end or step % config.log_every == 0):
+                continue
+            # The window's compute ends when its last step's outputs exist; I/O is timed apart.
+            jax.block_until_ready(metrics)
+            compute_seconds = time.perf_counter() - run.window_start
+            run.rows, run.pending = self._fetch_rows(run.pending), []
+            halt = self._halt(run.rows, guard)
+            if halt is not None:  # checked before saving: a diverged state never overwrites a good one
+                self._report(run.rows, run.writer, run.progress, compute_seconds)
+                run.rows = []
+                raise halt
+            io_start = time.perf_counter()
+            if checkpoint_now and step != saved:
+                self.save(state)
+                saved = step
+            if sample_now:
+                self.write_samples(state, run.writer, step)
+            preempted = preempted or self._preemption_agreed()  # a SIGTERM during the I/O above counts now
+            if preempted and step != saved:
+                self.save(state)
+                saved = step
+            self._report(run.rows, run.writer, run.progress, compute_seconds, time.perf_counter() - io_start)
+            run.rows = []
+            run.writer.flush(force=checkpoint_now or preempted)
+            run.window_start = time.perf_counter()
+            if preempted and step < config.total_steps:
+                self.checkpointer.wait()
+                log.warning("preempted: saved step %d", step)
+                run.state, run.reason = "preempted", f"SIGTERM: saved step {step}"
+                return RunResult(step, True, state)
+        self.checkpointer.wait()
+        if step >= config.total_steps:
+            run.state = "finished"
+            if start >= config.total_steps:
+                run.reason = f"the restored step {start} is already at config.total_steps={config.total_steps}"
+        else:
+            run.state, run.reason = "stopped", f"stop_after={stop_after}"
+        return RunResult(step, False, state)
 
-    def _report(self, pending, writer, progress, tick, tick_step, step):
+    def _preempted_before_start(self, run: _RunRecord, state: PyTree, phase: str) -> RunResult:
+        resume = f"; a rerun resumes from step {run.step}" if run.step else ""
+        log.warning("preempted %s, before the first step: nothing to save%s", phase, resume)
+        run.state, run.reason = "preempted", f"SIGTERM {phase}, before the first step: nothing saved"
+        return RunResult(run.step, True, state)
+
+    def _fetch_rows(self, pending: list[tuple[int, dict]]) -> list[tuple[int, dict[str, float]]]:
+        """One device→host fetch for a window of steps' metrics."""
         fetched = jax.device_get([m for _, m in pending])
-        for (s, _), values in zip(pending, fetched, strict=True):
+        return [(s, {k: float(v) for k, v in values.items()}) for (s, _), values in zip(pending, fetched, strict=True)]
+
+    def _halt(self, rows: list[tuple[int, dict[str, float]]], guard) -> AlignaxError | None:
+        """The error that stops the run at the first row that calls for it (too many consecutive
+        non-finite steps, or a divergence), or None."""
+        from alignax.training.divergence import DivergenceError
+        for s, values in rows:
             consecutive = int(values["nonfinite_consecutive"])
             if consecutive > self.config.max_nonfinite_steps:
-                raise NonFiniteError(f"step {s}: {consecutive} consecutive steps had non-finite loss or gradients "
-                                     f"(config.max_nonfinite_steps={self.config.max_nonfinite_steps})")
-        now = time.perf_counter()
-        steps_per_second = (step - tick_step) / max(now - tick, 1e-9)
-        # Every step is written (a Pareto evaluation wants each reward's raw and normalised value
-        # per step); the device→host fetch still happens once per `log_every` window.
-        for (s, _), values in zip(pending[:-1], fetched[:-1], strict=True):
+                return NonFiniteError(f"step {s}: {consecutive} consecutive steps had non-finite loss or gradients "
+                                      f"(config.max_nonfinite_steps={self.config.max_nonfinite_steps})")
+            reason = guard.check(s, values) if guard is not None else None
+            if reason is not None:
+                return DivergenceError(reason)
+        return None
+
+    def _report(self, rows: list[tuple[int, dict[str, float]]], writer, progress, compute_seconds: float,
+                io_seconds: float = 0.0) -> None:
+        """Writes every step's row (a Pareto evaluation wants each reward's raw and normalised value
+        per step); the window's last row adds steps/s of the compiled steps alone and the seconds
+        of checkpoint and sample I/O at its end."""
+        if not rows:
+            return
+        steps_per_second = len(rows) / max(compute_seconds, 1e-9)
+        for s, values in rows[:-1]:
             writer.scalars(s, values)
-        last = {k: float(v) for k, v in fetched[-1].items()}
-        last["steps_per_second"] = steps_per_second
-        last["examples_per_second_per_device"] = steps_per_second * self.config.batch_size / jax.device_count()
+        step, last = rows[-1]
+        last = {**last, "steps_per_second": steps_per_second, "io_seconds": io_seconds,
+                "examples_per_second_per_device": steps_per_second * self.config.batch_size / jax.device_count()}
         writer.scalars(step, last)
         progress.update(step, last["loss"], steps_per_second)
-        return now, step
+
+    def _record_config_changes(self, step: int, writer) -> None:
+        """Warns about, and writes to metrics.jsonl, every non-structural field that differs from
+        the config the restored checkpoint was written with (structural ones are refused)."""
+        try:  # the saved config is already resolved (an old unresolved one resolves the same, mesh aside)
+            changes = config_changes(checkpoint_lib.resolved_config(self.checkpointer.saved_config(step)),
+                                     self.resolved_config())
+        except Exception as e:  # noqa: BLE001 (informational: never block a resume on it)
+            log.warning("could not compare with the config saved at step %d (%s); config changes are not recorded",
+                        step, e)
+            return
+        if not changes:
+            return
+        log.warning("resuming from step %d with a changed config: %s", step,
+                    "; ".join(f"config.{k}: {old!r} → {new!r}" for k, (old, new) in changes.items()))
+        if self.config.total_steps <= step:
+            log.warning("config.total_steps=%d is not past the restored step %d: nothing left to train",
+                        self.config.total_steps, step)
+        writer.record(step, {"config_change": {k: {"old": old, "new": new} for k, (old, new) in changes.items()}})
+
+    def _finish(self, run: _RunRecord) -> None:
+        """Cleans up after any exit. Each part runs even when another failed; while an error is
+        propagating their failures are logged (the original error stays the one raised), otherwise
+        the first is raised."""
+        from alignax.training import metrics as metrics_lib
+        errors: list[BaseException] = []
+
+        def attempt(what: str, fn) -> None:
+            try:
+                fn()
+            except Exception as e:  # noqa: BLE001 (logged, and raised below unless an error is propagating)
+                log.error("%s failed: %s: %s", what, type(e).__name__, e)
+                errors.append(e)
+
+        # A save in flight completes (or reports why not) before the process can exit under it.
+        attempt("finishing the checkpoint save in flight", self.checkpointer.wait)
+        if run.failed and run.writer is not None and (run.rows or run.pending):
+            attempt("writing the last metrics rows", lambda: self._write_unreported(run))
+        if run.progress is not None:
+            attempt("closing the progress line", run.progress.finish)
+        if run.writer is not None:
+            attempt("closing the metrics writer", run.writer.close)
+        if self.is_main:
+            attempt("writing status.json", lambda: metrics_lib.write_status(
+                self.workdir, run.state, run.step, self.config.total_steps, run.reason))
+        attempt("releasing the workdir", self.close)
+        if errors and not run.failed:
+            raise errors[0]
+
+    def _write_unreported(self, run: _RunRecord) -> None:
+        rows = run.rows + (self._fetch_rows(run.pending) if run.pending else [])
+        run.rows, run.pending = [], []
+        for s, values in rows:
+            run.writer.scalars(s, values)
 
     # ---- samples ------------------------------------------------------------------------------
 
@@ -376,14 +557,9 @@ class Trainer:
         models = self.models
         if self._generate is None:
             def generate(trainable, frozen, conditioning, key):
-                params = models.transformer_params(trainable, frozen)
-                cond = trajectory.conditioning(conditioning, cfg.guidance_scale)
-                noise = jax.random.normal(key, models.latent_shape(cond.context.shape[0]))
-                _, sigmas = sampling.flow_match_sigmas(cfg.num_steps, cfg.shift)
-                latents = sampling.denoise(models.velocity_fn(params), noise, sigmas, cond.context, cond.pooled,
-                                           guidance_scale=cond.guidance_scale, negative_context=cond.negative_context,
-                                           negative_pooled=cond.negative_pooled)
-                return models.decode(frozen, latents)
+                return sampling.generate_images(models, models.transformer_params(trainable, frozen), frozen,
+                                                conditioning, key, num_steps=cfg.num_steps, shift=cfg.shift,
+                                                guidance_scale=cfg.guidance_scale)
 
             self._generate = jax.jit(generate)
         with mesh_lib.use_mesh(self.mesh, self.rules):
@@ -401,11 +577,38 @@ class Trainer:
         writer.images(step, "samples", np.asarray(images))
 
 
-def optim_lora_spec(config: ml_collections.ConfigDict):
-    if not config.lora.enabled:
-        return None
-    from alignax.training import lora
-    return lora.LoraSpec.from_config(config.lora)
+def sample_interval(config: ml_collections.ConfigDict) -> int:
+    """Steps between sample grids: `config.eval_every`, or for -1 about four grids per run whatever
+    `total_steps` is (every ceil(total_steps / 4) steps); 0: none. The last step always samples."""
+    if config.eval_every >= 0:
+        return int(config.eval_every)
+    return max(1, math.ceil(config.total_steps / 4))
+
+
+def config_changes(saved: dict, current: dict) -> dict[str, tuple[Any, Any]]:
+    """{dotted field: (checkpoint's value, this run's value)} for leaves present in both configs that
+    differ, structural fields (refused by checkpoint.check_compatible) left out."""
+    def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+        if isinstance(tree, dict) and tree:
+            out = {}
+            for key, value in tree.items():
+                out.update(flatten(value, f"{prefix}{key}."))
+            return out
+        return {prefix[:-1]: tree}
+
+    normal = lambda value: json.loads(json.dumps(value, default=str))  # noqa: E731 (tuples → lists)
+    old, new = flatten(normal(saved)), flatten(normal(current))
+    structural = lambda key: any(key == f or key.startswith(f + ".") for f in checkpoint_lib.STRUCTURAL_FIELDS)  # noqa: E731
+    return {key: (old[key], new[key]) for key in sorted(old.keys() & new.keys())
+            if old[key] != new[key] and not structural(key)}
+
+
+def _status_of(error: BaseException) -> tuple[str, str]:
+    """status.json's (state, reason) for the error that ended a run."""
+    from alignax.training.divergence import DivergenceError
+    state = ("nonfinite" if isinstance(error, NonFiniteError) else
+             "diverged" if isinstance(error, DivergenceError) else "failed")
+    return state, f"{type(error).__name__}: {error}"[:2000]
 
 
 def compiled_statistics(compiled: Any) -> dict[str, float]:
