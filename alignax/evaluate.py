@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import posixpath
 from pathlib import Path
 from typing import Any
 
@@ -21,13 +22,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from alignax import data, export, objectives, sampling
+from alignax import data, fs, objectives, sampling, saved_run
 from alignax import mesh as mesh_lib
 from alignax.conditioning import negative_prompt
 from alignax.data import setup as data_setup
 from alignax.errors import ConfigError, DataError
 from alignax.models import setup as model_setup
-from alignax.objectives import trajectory
 from alignax.rewards import setup as reward_setup
 
 PyTree = Any
@@ -47,26 +47,25 @@ class Checkpoint:
 
 
 def load(workdir: str | Path, *, step: int | None = None, ema: bool = False) -> Checkpoint:
-    """The checkpoint at `step` (default: latest), with LoRA merged into its base and the VAE rebuilt."""
-    step, config, state = export._saved_run(Path(workdir), step)
+    """The checkpoint at `step` (default: latest), with LoRA merged into its base and the VAE rebuilt.
+    Only reads `workdir` (see `alignax.saved_run`)."""
+    run = saved_run.load(workdir, step)
+    step, config = run.step, run.config
     if ema and not config.ema.enabled:
         raise ConfigError(f"--ema: the run in {workdir} has config.ema.enabled=False, so it saved no EMA")
-    trainable = state["ema"] if ema else state["trainable"]
+    trainable = run.state["ema"] if ema else run.state["trainable"]
     t_src, transformer, v_src, vae_module = model_setup.build_modules(config.model)
     rewards = reward_setup.build(config.rewards)
     scale, shift = model_setup.vae_scaling(vae_module)
-    models = objectives.Models(transformer, vae_module, scale, shift, rewards=rewards, sample_config=config.sample,
-                               pareto=config.pareto)
-    mesh = mesh_lib.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+    models = objectives.Models(transformer, vae_module, scale, shift, rewards=rewards)
+    mesh = saved_run.one_device_mesh()
     params = trainable["transformer"]
     if config.lora.enabled:
         from alignax.training import lora
-        params = lora.merge(export.lora_base(config, t_src, transformer), params,
+        params = lora.merge(saved_run.lora_base(config, t_src, transformer), params,
                             lora.LoraSpec.from_config(config.lora))
-    root = jax.random.key(config.seed)
-    vae_params, _ = model_setup.load_params_sharded(v_src, vae_module, jax.random.fold_in(root, 2), mesh,
-                                                    mesh_lib.DEFAULT_RULES)  # as the trainer created it
-    frozen = {"vae": vae_params, "rewards": {name: getattr(r, "params", {}) or {} for name, r in rewards.items()}}
+    frozen = {"vae": saved_run.vae_params(config, v_src, vae_module),
+              "rewards": {name: getattr(r, "params", {}) or {} for name, r in rewards.items()}}
     return Checkpoint(step, config, models, params, frozen, mesh)
 
 
@@ -88,17 +87,13 @@ def generate(ckpt: Checkpoint, prompts: dict[str, Any], seed: int, batch_size: i
     models, cfg = ckpt.models, ckpt.config.sample
     count = len(prompts["prompt"])
     noise = jax.random.normal(jax.random.key(seed), models.latent_shape(count))
-    _, sigmas = sampling.flow_match_sigmas(cfg.num_steps, cfg.shift)
     negatives = negative_prompt.for_run(cfg, models.transformer.config)
     conditioning = negative_prompt.guided({k: prompts[k] for k in CONDITIONING}, negatives, cfg.guidance_scale)
 
     @jax.jit
     def sample(params, frozen, noise, batch):
-        cond = trajectory.conditioning(batch, cfg.guidance_scale)
-        latents = sampling.denoise(models.velocity_fn(params), noise, sigmas, cond.context, cond.pooled,
-                                   guidance_scale=cond.guidance_scale, negative_context=cond.negative_context,
-                                   negative_pooled=cond.negative_pooled)
-        return models.decode(frozen, latents)
+        return sampling.generate_images(models, params, frozen, batch, noise, num_steps=cfg.num_steps,
+                                        shift=cfg.shift, guidance_scale=cfg.guidance_scale)
 
     batch_size = batch_size or count
     chunks = []
@@ -143,8 +138,8 @@ def evaluate(workdir: str | Path, *, step: int | None = None, ema: bool = False,
             per_seed[name].append(scores)
     table = {name: np.stack(rows) for name, rows in per_seed.items()}  # [seeds, prompts]
     result = {
-        "run": Path(workdir).name,
-        "workdir": str(Path(workdir).absolute()),
+        "run": posixpath.basename(fs.absolute(workdir).rstrip("/")),
+        "workdir": fs.absolute(workdir),
         "step": ckpt.step,
         "ema": ema,
         "seeds": [int(s) for s in seeds],
@@ -159,11 +154,15 @@ def evaluate(workdir: str | Path, *, step: int | None = None, ema: bool = False,
              "per_seed": {name: [float(v) for v in t[:, i]] for name, t in table.items()}}
             for i, prompt in enumerate(prompts["prompt"])],
     }
-    out = Path(out) if out else Path(workdir) / f"eval_step_{ckpt.step}{'_ema' if ema else ''}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    out = output_path(workdir, ckpt.step, ema, out)
+    fs.write_text_atomic(out, json.dumps(result, indent=2) + "\n")  # local, gs:// or memory://
     logging.info("evaluated step %d of %s: %s → %s", ckpt.step, workdir, result["rewards"], out)
     return result
+
+
+def output_path(workdir: str | Path, step: int, ema: bool, out: str | Path | None = None) -> str:
+    """Where `evaluate` writes its JSON: `out`, or WORKDIR/eval_step_N[_ema].json (local path or URL)."""
+    return fs.absolute(out) if out else fs.join(fs.absolute(workdir), f"eval_step_{step}{'_ema' if ema else ''}.json")
 
 
 def main(argv: list[str]) -> None:
@@ -177,10 +176,14 @@ def main(argv: list[str]) -> None:
     result = evaluate(f.workdir, step=f.step, ema=f.ema, num_prompts=f.num_prompts, seeds=seeds,
                       batch_size=f.batch_size, out=f.out)
     print(json.dumps({"step": result["step"], "rewards": result["rewards"]}))
+    print(f"wrote the evaluation of step {result['step']} to {output_path(f.workdir, result['step'], f.ema, f.out)}")
 
 
-if __name__ == "__main__":
-    from absl import app, flags
+def cli() -> None:
+    """`alignax-evaluate` / `python -m alignax.evaluate`: flags defined here, not at import."""
+    from absl import flags
+
+    from alignax import cli as cli_lib
 
     flags.DEFINE_string("workdir", None, "the run directory (holds checkpoints/)")
     flags.DEFINE_integer("step", None, "checkpoint step (default: the latest)")
@@ -190,4 +193,8 @@ if __name__ == "__main__":
     flags.DEFINE_integer("batch_size", None, "prompts per sampling call (default: all at once)")
     flags.DEFINE_string("out", None, "output JSON (default DIR/eval_step_N.json)")
     flags.mark_flags_as_required(["workdir"])
-    app.run(main)
+    cli_lib.run_main(main)
+
+
+if __name__ == "__main__":
+    cli()

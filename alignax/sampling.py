@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from alignax.conditioning import guidance
 from alignax.models import remat as remat_lib
 
 NUM_TRAIN_TIMESTEPS = 1000
@@ -38,8 +39,9 @@ def flow_match_sigmas(num_steps: int, shift: float) -> tuple[np.ndarray, np.ndar
     return timesteps, np.concatenate([sigmas, np.zeros(1, np.float32)])
 
 
-def velocity_fn(model: Any) -> VelocityFn:
-    """(x NHWC, timestep[B], context, pooled) → velocity NHWC, from a Pretrained MM-DiT or a callable."""
+def as_velocity(model: Any) -> VelocityFn:
+    """A `Pretrained` MM-DiT (its NHWC forward) or an already-bound velocity callable, as
+    (x NHWC, timestep[B], context, pooled) → velocity NHWC."""
     if hasattr(type(getattr(model, "module", None)), "forward_nhwc"):
         return model.forward_nhwc
     return model
@@ -67,7 +69,7 @@ def denoise(model: Any, x: jax.Array, sigmas: jax.Array, context: jax.Array, poo
     Each step is one scan iteration; with `remat` set (e.g. 'full'), each step is under
     `jax.checkpoint`, so reward backprop stores only the per-step latents.
     """
-    velocity = velocity_fn(model)
+    velocity = as_velocity(model)
     sigmas = jnp.asarray(sigmas, jnp.float32)
 
     def step(x, sigma_pair):
@@ -98,3 +100,26 @@ def sample(model: Any, noise: jax.Array, encoder_hidden_states: jax.Array, poole
                 negative_context=negative_encoder_hidden_states, negative_pooled=negative_pooled_projections,
                 remat=remat)
     return jnp.transpose(x, (0, 3, 1, 2))
+
+
+def generate_images(models: Any, params: Any, frozen: Any, batch: dict, noise_or_key: jax.Array, *,
+                    num_steps: int, shift: float, guidance_scale: float) -> jax.Array:
+    """Images NHWC in [0, 1]: noise → Euler steps (with guidance when the scale is not 1) → VAE decode.
+
+    The one sampling entry point of the trainer's sample grids and `alignax.evaluate`, so both
+    show the same images for the same params and noise. `models` is an `objectives.Models`
+    (duck-typed: `velocity_fn`, `decode`, `latent_shape`), `params` the MM-DiT params with any
+    LoRA already merged, `frozen` holds `'vae'`. `batch` carries `encoder_hidden_states` and
+    `pooled_projections`, plus `negative_*` for guidance (zeros when absent, see
+    `alignax.conditioning.guidance`). `noise_or_key` is NHWC noise, or a PRNG key from which
+    `normal(key, models.latent_shape(B))` is drawn. Jit-able.
+    """
+    cond = guidance.conditioning(batch, guidance_scale)
+    noise = noise_or_key
+    if jnp.issubdtype(noise.dtype, jax.dtypes.prng_key):
+        noise = jax.random.normal(noise_or_key, models.latent_shape(cond.context.shape[0]))
+    _, sigmas = flow_match_sigmas(num_steps, shift)
+    latents = denoise(models.velocity_fn(params), noise, sigmas, cond.context, cond.pooled,
+                      guidance_scale=cond.guidance_scale, negative_context=cond.negative_context,
+                      negative_pooled=cond.negative_pooled)
+    return models.decode(frozen, latents)

@@ -62,16 +62,16 @@ def test_evaluate_scores_every_reward_on_the_trainers_own_samples(trained_run, t
     conditioning = {k: jnp.asarray(np.stack([r[k] for r in records]))
                     for k in ("encoder_hidden_states", "pooled_projections")}
     assert [p["prompt"] for p in result["per_prompt"]] == [r["prompt"] for r in records]
-    # Seed 0: the trainer's own sampler on its in-memory final state (8-device mesh, the trainer's VAE).
-    # Seed 1: evaluate.generate's images, scored here by hand. (Trainer.sample_images(seed=1) returned
-    # seed 0's images in this setup, so it cannot serve as the reference for other seeds; see report.)
-    trainer_images = np.asarray(trainer.sample_images(state["trainable"], conditioning, seed=0))
+    # Both go through sampling.generate_images: the trainer's own sampler on its in-memory final state
+    # (8-device mesh, the trainer's VAE) equals evaluate's (one device, VAE recreated) for every seed.
+    trainer_images = [np.asarray(trainer.sample_images(state["trainable"], conditioning, seed=s)) for s in (0, 1)]
     ckpt = evaluate.load(workdir)
     prompts = evaluate.eval_prompts(ckpt.config, 3)
     eval_images = [evaluate.generate(ckpt, prompts, seed) for seed in (0, 1)]
-    assert max_rel_err(eval_images[0], trainer_images) <= 1e-5
+    for seed in (0, 1):
+        assert max_rel_err(eval_images[seed], trainer_images[seed]) <= 1e-5, seed
     assert not np.allclose(eval_images[0], eval_images[1])  # the seeds really differ
-    images = np.stack([trainer_images, eval_images[1]])
+    images = np.stack(trainer_images)
     expected = {"red": images[..., 0].mean(axis=(2, 3)), "blue": images[..., 2].mean(axis=(2, 3))}  # [seed, prompt]
     for name, table in expected.items():
         got = np.asarray([p["per_seed"][name] for p in result["per_prompt"]]).T
@@ -85,12 +85,21 @@ def test_evaluate_cli_default_output_and_errors(trained_run):
     out = subprocess.run([sys.executable, "-m", "alignax.evaluate", f"--workdir={workdir}", "--num_prompts=2",
                           "--seeds=0"], cwd=REPO, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().splitlines()[-1] == f"wrote the evaluation of step 2 to {workdir / 'eval_step_2.json'}"
     written = json.loads((workdir / "eval_step_2.json").read_text())
     assert written["num_prompts"] == 2 and written["seeds"] == [0] and sorted(written["rewards"]) == ["blue", "red"]
     with pytest.raises(ConfigError, match="--step=7"):
         evaluate.evaluate(workdir, step=7)
     with pytest.raises(ConfigError, match="ema.enabled=False"):
         evaluate.evaluate(workdir, ema=True)
+
+
+def test_evaluate_writes_its_json_to_a_remote_out(trained_run):
+    import fsspec
+    workdir, *_ = trained_run
+    result = evaluate.evaluate(workdir, num_prompts=1, seeds=(0,), out="memory://alignax-eval-test/run/eval.json")
+    assert json.loads(fsspec.filesystem("memory").cat("/alignax-eval-test/run/eval.json")) == result
+    assert not (Path.cwd() / "memory:").exists()  # no local `memory:/...` tree
 
 
 # ---- the Pareto report ------------------------------------------------------------------------

@@ -66,7 +66,7 @@ def for_run(sample_config: Any, transformer_config: Any) -> dict[str, np.ndarray
             logging.getLogger("alignax").warning(
                 "config.sample.guidance_scale=%s with no config.sample.negative_embeddings: guidance runs against "
                 "zero text embeddings, which is not what a real SD3 model was trained with (see "
-                "alignax/negative_prompt.py)", sample_config.guidance_scale)
+                "alignax/conditioning/negative_prompt.py)", sample_config.guidance_scale)
         return None
     return load(path, joint_attention_dim=transformer_config.joint_attention_dim,
                 pooled_projection_dim=transformer_config.pooled_projection_dim)

@@ -71,6 +71,9 @@ def vae_source(model_config: ml_collections.ConfigDict) -> ModelSource:
         field = "config.model.vae_pretrained" if model_config.vae_pretrained else "config.model.pretrained"
         directory = _pipeline_subfolder(root, "vae", field)
         config = weights_io.read_json(directory / "config.json")
+        if config.get("_class_name") != arch.name and (directory / "vae" / "config.json").exists():
+            directory = directory / "vae"  # an alignax export: the transformer, with the run's VAE in vae/
+            config = weights_io.read_json(directory / "config.json")
         if model_config.pretrained and not model_config.vae_pretrained and config.get("_class_name") != arch.name:
             raise ConfigError(f"config.model.pretrained={root!r} is a transformer directory; set "
                               "config.model.vae_pretrained to the VAE directory")
