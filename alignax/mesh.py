@@ -90,10 +90,6 @@ def use_mesh(mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Iterator[Mesh]:
         yield mesh
 
 
-def replicated(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, PartitionSpec())
-
-
 def shard_params(params: Any, logical_specs: Any, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Any:
     """Places an existing params pytree on the mesh according to its logical specs."""
     return jax.device_put(params, logical_shardings(logical_specs, mesh, rules))

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from alignax.errors import ConfigError
+from alignax.registry import Registry
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -142,10 +143,10 @@ class TpuVmBackend:
         return codes
 
 
-BACKENDS: dict[str, type] = {"local": LocalBackend, "tpu_vm": TpuVmBackend}
+BACKENDS: Registry[type] = Registry("backend", field="--backend")
+BACKENDS.register("local", LocalBackend)
+BACKENDS.register("tpu_vm", TpuVmBackend)
 
 
 def get(name: str, **options: Any) -> Any:
-    if name not in BACKENDS:
-        raise ConfigError(f"--backend={name!r}: unknown; choose one of {sorted(BACKENDS)}")
-    return BACKENDS[name](**options)
+    return BACKENDS.lookup(name)(**options)

@@ -19,6 +19,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from alignax.errors import DataError
+from alignax.registry import Registry
 
 STRING = "str"
 
@@ -141,11 +142,11 @@ PREFERENCE_PAIRS = RecordSchema(
     doc="Two images for one prompt and which one people preferred (Pick-a-Pic style).",
 )
 
-SCHEMAS: dict[str, RecordSchema] = {s.name: s for s in (CAPTIONED_IMAGES, PROMPTS, PREFERENCE_PAIRS)}
+SCHEMAS: Registry[RecordSchema] = Registry("dataset kind", error=DataError)
+for _schema in (CAPTIONED_IMAGES, PROMPTS, PREFERENCE_PAIRS):
+    SCHEMAS.register(_schema.name, _schema)
 
 
 def get_schema(name: str) -> RecordSchema:
     """The schema registered under `name`; DataError listing the known kinds otherwise."""
-    if name not in SCHEMAS:
-        raise DataError(f"unknown dataset kind {name!r}; expected one of {sorted(SCHEMAS)}")
-    return SCHEMAS[name]
+    return SCHEMAS.lookup(name)

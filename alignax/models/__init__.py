@@ -1,4 +1,4 @@
-"""Flax models and their loaders for diffusers / transformers / open_clip / LAION / insightface formats.
+"""Flax models and their loaders for diffusers / transformers / open_clip / LAION formats.
 
 Importing this package registers every architecture with the loaders.
 """

@@ -12,21 +12,15 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from alignax.registry import Registry
+
 AttentionKernel = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
-KERNELS: dict[str, AttentionKernel] = {}
-
-
-def register(name: str) -> Callable[[AttentionKernel], AttentionKernel]:
-    def add(kernel: AttentionKernel) -> AttentionKernel:
-        KERNELS[name] = kernel
-        return kernel
-    return add
+KERNELS: Registry[AttentionKernel] = Registry("attention kernel", field="config.model.attention")
+register = KERNELS.decorator
 
 
 def get(name: str) -> AttentionKernel:
-    if name not in KERNELS:
-        raise ValueError(f"attention kernel {name!r} is not registered; choose one of {sorted(KERNELS)}")
-    return KERNELS[name]
+    return KERNELS.lookup(name)
 
 
 @register("xla")

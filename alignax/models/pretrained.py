@@ -16,6 +16,9 @@ import flax.linen as nn
 import jax
 from jax.sharding import PartitionSpec
 
+from alignax.errors import WeightsError
+from alignax.registry import Registry
+
 PyTree = Any
 
 
@@ -38,15 +41,12 @@ class Architecture:
     ignore_unexpected: tuple[str, ...] = ()
 
 
-DIFFUSERS: dict[str, Architecture] = {}
-TRANSFORMERS: dict[str, Architecture] = {}
+DIFFUSERS: Registry[Architecture] = Registry("diffusers architecture (_class_name)", error=WeightsError)
+TRANSFORMERS: Registry[Architecture] = Registry("transformers architecture (model_type)", error=WeightsError)
 
 
-def register(registry: dict[str, Architecture], architecture: Architecture) -> Architecture:
-    if architecture.name in registry:
-        raise ValueError(f"architecture {architecture.name!r} is registered twice")
-    registry[architecture.name] = architecture
-    return architecture
+def register(registry: Registry[Architecture], architecture: Architecture) -> Architecture:
+    return registry.register(architecture.name, architecture)
 
 
 def strip_boxes(boxed: PyTree) -> PyTree:

@@ -8,23 +8,19 @@ from __future__ import annotations
 
 import ml_collections
 
-from alignax.errors import ConfigError
-from alignax.objectives.base import Models, Objective, ObjectiveSpec
+from alignax.objectives.base import Models, Objective, ObjectiveSpec, RunSettings
+from alignax.registry import Registry
+from alignax.schema import check_against
 
-REGISTRY: dict[str, ObjectiveSpec] = {}
+REGISTRY: Registry[ObjectiveSpec] = Registry("objective", field="config.objective.name")
 
 
 def register(spec: ObjectiveSpec) -> ObjectiveSpec:
-    if spec.name in REGISTRY:
-        raise ValueError(f"objective {spec.name!r} is registered twice")
-    REGISTRY[spec.name] = spec
-    return spec
+    return REGISTRY.register(spec.name, spec)
 
 
 def get(name: str) -> ObjectiveSpec:
-    if name not in REGISTRY:
-        raise ConfigError(f"config.objective.name={name!r}: unknown objective; choose one of {sorted(REGISTRY)}")
-    return REGISTRY[name]
+    return REGISTRY.lookup(name)
 
 
 def with_defaults(objective_config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -35,18 +31,24 @@ def with_defaults(objective_config: ml_collections.ConfigDict) -> ml_collections
     return merged
 
 
-def validate_config(objective_config: ml_collections.ConfigDict) -> None:
-    from alignax.config import check_against
+def validate_config(objective_config: ml_collections.ConfigDict,
+                    run_config: ml_collections.ConfigDict | None = None) -> None:
+    """Unknown or mistyped objective fields; with the run config, also the objective's own `check`."""
     spec = get(objective_config.get("name", "sft"))
     check_against({"name": spec.name, **spec.defaults}, objective_config.to_dict(), "config.objective")
+    if spec.check is not None and run_config is not None:
+        spec.check(with_defaults(objective_config), run_config)
 
 
-def build(objective_config: ml_collections.ConfigDict, models: Models) -> Objective:
+def build(objective_config: ml_collections.ConfigDict, models: Models, run: RunSettings | None = None) -> Objective:
+    """The objective named by `objective_config.name`, built over `models`; `run` defaults to
+    `RunSettings()` (no rewards, the default sampler)."""
     merged = with_defaults(objective_config)
-    return get(merged.name).build(merged, models)
+    return get(merged.name).build(merged, models, run or RunSettings())
 
 
 # Importing each objective registers it; they import `register` from above, so this comes last.
 from alignax.objectives import dpo, feature_align, reward_backprop, sft  # noqa: E402,F401
 
-__all__ = ["Models", "Objective", "ObjectiveSpec", "REGISTRY", "build", "get", "register", "validate_config"]
+__all__ = ["Models", "Objective", "ObjectiveSpec", "REGISTRY", "RunSettings", "build", "get", "register",
+           "validate_config"]

@@ -39,8 +39,6 @@ class Models:
     vae_shift_factor: float
     lora: Any = None
     rewards: Mapping[str, Any] = dataclasses.field(default_factory=dict)
-    sample_config: ml_collections.ConfigDict | None = None
-    pareto: ml_collections.ConfigDict | None = None  # config.pareto: weight vector, scalarisation, normalisation
 
     def transformer_params(self, trainable: PyTree, frozen: PyTree) -> PyTree:
         """The MM-DiT params the forward pass uses: LoRA folded into the frozen base when on."""
@@ -83,6 +81,26 @@ class Models:
 
 
 @dataclasses.dataclass(frozen=True)
+class RunSettings:
+    """What an objective may read of the run besides its own `config.objective` fields: the sampler
+    settings (`config.sample`) and the reward trade-off, `config.pareto` resolved once into the
+    keyword arguments of `alignax.pareto.multi_reward_loss` (None when the run has no rewards)."""
+
+    num_steps: int = 10
+    shift: float = 3.0
+    guidance_scale: float = 1.0
+    pareto: Mapping[str, Any] | None = None
+
+    @classmethod
+    def from_config(cls, config: ml_collections.ConfigDict) -> RunSettings:
+        from alignax import pareto
+        names = list(config.rewards.keys())
+        resolved = pareto.resolve_config(config.pareto, names) if names else None
+        sample = config.sample
+        return cls(int(sample.num_steps), float(sample.shift), float(sample.guidance_scale), resolved)
+
+
+@dataclasses.dataclass(frozen=True)
 class Objective:
     """A built objective. `data` names the dataset kind it trains on; `heads` (optional) creates
     extra trainable params with their logical specs; `init_state` creates objective state."""
@@ -96,8 +114,12 @@ class Objective:
 
 @dataclasses.dataclass(frozen=True)
 class ObjectiveSpec:
-    """A registry entry: config defaults (merged under `config.objective`) and a builder."""
+    """A registry entry: config defaults (merged under `config.objective`) and a builder
+    `build(objective config with defaults, models, run settings)`."""
 
     name: str
     defaults: Mapping[str, Any]
-    build: Callable[[ml_collections.ConfigDict, Models], Objective]
+    build: Callable[[ml_collections.ConfigDict, Models, RunSettings], Objective]
+    # Optional: checks of the objective's fields that need the run config (e.g. sample.num_steps)
+    # but no model, run by `config.validate`: `check(objective config with defaults, run config)`.
+    check: Callable[[ml_collections.ConfigDict, ml_collections.ConfigDict], None] | None = None

@@ -77,7 +77,7 @@ def pair_latents(models: base.Models, frozen: Any, batch: dict, rng: jax.Array |
     return x0[:count], x0[count:], weight
 
 
-def build(cfg: ml_collections.ConfigDict, models: base.Models) -> base.Objective:
+def build(cfg: ml_collections.ConfigDict, models: base.Models, run: base.RunSettings) -> base.Objective:
     refresh_every = int(cfg.reference_refresh_every)
     if refresh_every < 0:
         raise ConfigError(f"config.objective.reference_refresh_every={refresh_every}: expected 0 (frozen "

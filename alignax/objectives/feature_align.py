@@ -187,7 +187,7 @@ def make_objective(cfg: ml_collections.ConfigDict, models: base.Models,
     return base.Objective(loss=loss, data="captioned_images", init_heads=init_heads)
 
 
-def build(cfg: ml_collections.ConfigDict, models: base.Models) -> base.Objective:
+def build(cfg: ml_collections.ConfigDict, models: base.Models, run: base.RunSettings) -> base.Objective:
     return make_objective(cfg, models)
 
 

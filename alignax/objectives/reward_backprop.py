@@ -40,6 +40,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from alignax import pareto, sampling
+from alignax.conditioning import guidance
 from alignax.errors import ConfigError
 from alignax.models import remat as remat_lib
 from alignax.objectives import base, register
@@ -171,35 +172,36 @@ MODES: dict[str, Mode] = {
 }
 
 
-def check_config(cfg: ml_collections.ConfigDict, models: base.Models) -> dict[str, Any]:
-    """Every field checked before anything is compiled; returns `multi_reward_loss` kwargs."""
+def check_fields(cfg: ml_collections.ConfigDict, num_steps: int) -> None:
+    """The objective's own fields (mode, its step counts against `config.sample.num_steps`, remat,
+    kl_weight): checkable from the config alone, so `config.validate` runs it before any model exists."""
     if cfg.mode not in MODES:
         raise ConfigError(f"config.objective.mode={cfg.mode!r}: expected one of {sorted(MODES)}")
-    if models.sample_config is None:
-        raise ConfigError("reward_backprop: Models.sample_config is unset; it needs config.sample (num_steps, shift, "
-                          "guidance_scale)")
-    num_steps = models.sample_config.num_steps
     MODES[cfg.mode].check(cfg, num_steps)
     if cfg.remat not in remat_lib.NAMES:
         raise ConfigError(f"config.objective.remat={cfg.remat!r}: expected one of {list(remat_lib.NAMES)}")
     if not (isinstance(cfg.kl_weight, int | float) and math.isfinite(cfg.kl_weight) and cfg.kl_weight >= 0):
         raise ConfigError(f"config.objective.kl_weight={cfg.kl_weight!r}: expected a finite number >= 0")
+
+
+def check_config(cfg: ml_collections.ConfigDict, models: base.Models, run: base.RunSettings) -> dict[str, Any]:
+    """Every field checked before anything is compiled; returns `multi_reward_loss` kwargs."""
+    check_fields(cfg, run.num_steps)
     if not models.rewards:
         raise ConfigError("config.rewards is empty: reward_backprop needs at least one reward to backpropagate")
     for name, reward in models.rewards.items():
         if not getattr(reward, "differentiable", True):
-            raise ConfigError(f"config.rewards.{name}: reward {reward.name!r} is not differentiable; "
-                              "reward_backprop needs a gradient from every reward")
-    if models.pareto is None:
-        raise ConfigError("reward_backprop: Models.pareto is unset; it needs config.pareto (weights, scalarization, "
-                          "normalization)")
-    return pareto.resolve_config(models.pareto, list(models.rewards))
+            raise ConfigError(f"config.rewards.{name}: reward kind {getattr(reward, 'kind', name)!r} is not "
+                              "differentiable; reward_backprop needs a gradient from every reward")
+    if run.pareto is None or sorted(run.pareto["weights"]) != sorted(models.rewards):
+        raise ConfigError(f"reward_backprop: config.pareto must weigh the configured rewards {sorted(models.rewards)}; "
+                          "build the run settings with RunSettings.from_config(config)")
+    return dict(run.pareto)
 
 
-def build(cfg: ml_collections.ConfigDict, models: base.Models) -> base.Objective:
-    pareto_kwargs = check_config(cfg, models)
-    sample = models.sample_config
-    _, sigmas = sampling.flow_match_sigmas(sample.num_steps, sample.shift)
+def build(cfg: ml_collections.ConfigDict, models: base.Models, run: base.RunSettings) -> base.Objective:
+    pareto_kwargs = check_config(cfg, models, run)
+    _, sigmas = sampling.flow_match_sigmas(run.num_steps, run.shift)
     ctx = Context(velocity=models.velocity, sigmas=sigmas, cfg=cfg)
     mode = MODES[cfg.mode]
     names = list(models.rewards)
@@ -209,7 +211,7 @@ def build(cfg: ml_collections.ConfigDict, models: base.Models) -> base.Objective
         noise_rng, mode_rng = jax.random.split(rng)
         params = models.transformer_params(trainable, frozen)
         ref = models.reference_params(trainable, frozen) if use_reference else None
-        cond = traj.conditioning(batch, sample.guidance_scale)
+        cond = guidance.conditioning(batch, run.guidance_scale)
         noise = jax.random.normal(noise_rng, models.latent_shape(cond.context.shape[0]), jnp.float32)
         out = mode.rollout(ctx, params, ref, noise, cond, mode_rng)
         images = models.decode(frozen, out.latents)
@@ -232,4 +234,5 @@ def build(cfg: ml_collections.ConfigDict, models: base.Models) -> base.Objective
                           init_state=lambda trainable, frozen: pareto.init_state(names))
 
 
-SPEC = register(base.ObjectiveSpec(name="reward_backprop", defaults=DEFAULTS, build=build))
+SPEC = register(base.ObjectiveSpec(name="reward_backprop", defaults=DEFAULTS, build=build,
+                                   check=lambda cfg, config: check_fields(cfg, config.sample.num_steps)))

@@ -45,7 +45,7 @@ def flow_error(models: base.Models, cfg: ml_collections.ConfigDict, params: Any,
     return error * weighting(t), t, extra
 
 
-def build(cfg: ml_collections.ConfigDict, models: base.Models) -> base.Objective:
+def build(cfg: ml_collections.ConfigDict, models: base.Models, run: base.RunSettings) -> base.Objective:
     def loss(trainable, frozen, state, batch, rng):
         encode_rng, flow_rng = jax.random.split(rng)
         x0 = clean_latents(models, frozen, batch, encode_rng if cfg.sample_posterior else None)

@@ -23,47 +23,19 @@ the number of such steps. Frozen steps contribute nothing to it (they carry no g
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from alignax import sampling
+from alignax.conditioning.guidance import Conditioning
 from alignax.models import remat as remat_lib
 
 PyTree = Any
 # (params, x NHWC, timestep[B] in [0, 1000], context, pooled) -> velocity NHWC
 Velocity = Callable[[PyTree, jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
-
-
-class Conditioning(NamedTuple):
-    """Text conditioning of one batch; `negative_*` set only when classifier-free guidance is on."""
-
-    context: jax.Array
-    pooled: jax.Array
-    negative_context: jax.Array | None = None
-    negative_pooled: jax.Array | None = None
-    guidance_scale: float = 1.0
-
-    def tile(self, copies: int) -> Conditioning:
-        """The conditioning of `copies` stacked copies of the batch (copy-major rows)."""
-        rep = (lambda a: None if a is None else jnp.concatenate([a] * copies)) if copies > 1 else (lambda a: a)
-        return Conditioning(rep(self.context), rep(self.pooled), rep(self.negative_context),
-                            rep(self.negative_pooled), self.guidance_scale)
-
-
-def conditioning(batch: dict, guidance_scale: float) -> Conditioning:
-    """The batch's conditioning. With guidance (scale ≠ 1), the unconditional branch uses the
-    batch's `negative_encoder_hidden_states` / `negative_pooled_projections` when present, else
-    zeros of the same shape (the tiny world has no empty-prompt embedding; SD3 pipelines pass
-    the encoded empty prompt, which a data pipeline can store under those keys)."""
-    context, pooled = batch["encoder_hidden_states"], batch["pooled_projections"]
-    if guidance_scale == 1.0:
-        return Conditioning(context, pooled)
-    negative_context = batch.get("negative_encoder_hidden_states", jnp.zeros_like(context))
-    negative_pooled = batch.get("negative_pooled_projections", jnp.zeros_like(pooled))
-    return Conditioning(context, pooled, negative_context, negative_pooled, float(guidance_scale))
 
 
 def guided_velocity(velocity: Velocity, params: PyTree, x: jax.Array, sigma: jax.Array,

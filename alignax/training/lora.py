@@ -86,6 +86,11 @@ class LoraSpec:
         """From `config.lora` (rank, alpha, targets; empty targets mean `DEFAULT_TARGETS`)."""
         return cls(rank=cfg["rank"], alpha=float(cfg["alpha"]), targets=tuple(cfg.get("targets", ()) or ()))
 
+    @classmethod
+    def for_run(cls, cfg: Mapping[str, Any]) -> LoraSpec | None:
+        """The run's adapter spec from `config.lora`, or None when LoRA is off."""
+        return cls.from_config(cfg) if cfg.get("enabled", False) else None
+
 
 # --- finding Dense modules -------------------------------------------------------------------------
 

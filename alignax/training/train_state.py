@@ -12,7 +12,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import PartitionSpec
 
 PyTree = Any
 
@@ -55,6 +55,3 @@ def to_shardings(specs: PyTree, shapes: PyTree, mesh, rules) -> PyTree:
     from alignax import mesh as mesh_lib
     return mesh_lib.fitted_shardings(specs, shapes, mesh, rules)
 
-
-def replicated_like(tree: PyTree, mesh) -> PyTree:
-    return jax.tree.map(lambda _: NamedSharding(mesh, PartitionSpec()), tree)

@@ -55,9 +55,9 @@ def build_world(batch: int):
 def compile_grad(c, transformer, vae, params, frozen, data, num_steps, fields):
     sample = ml_collections.ConfigDict(dict(c.sample.to_dict(), num_steps=num_steps))
     scale, shift = model_setup.vae_scaling(vae)
-    models = objectives.Models(transformer, vae, scale, shift, rewards=reward_setup.build(c.rewards),
-                               sample_config=sample, pareto=c.pareto)
-    objective = objectives.build(ml_collections.ConfigDict(dict(name="reward_backprop", **fields)), models)
+    models = objectives.Models(transformer, vae, scale, shift, rewards=reward_setup.build(c.rewards))
+    run = objectives.RunSettings.from_config(ml_collections.ConfigDict(dict(c.to_dict(), sample=sample)))
+    objective = objectives.build(ml_collections.ConfigDict(dict(name="reward_backprop", **fields)), models, run)
     state = objective.init_state({}, frozen)
 
     def grad_fn(params, rng):

@@ -40,6 +40,9 @@ def fast_jit(fn):
     return call
 
 
+_RUN_SETTINGS: dict[int, objectives.RunSettings] = {}  # id(models) -> the settings make_models configured
+
+
 def make_models(num_steps=NUM_STEPS, weights=None, rewards=None, models_cls=objectives.Models, **sample):
     c = config_lib.base_config()
     c.sample.num_steps = num_steps
@@ -49,8 +52,9 @@ def make_models(num_steps=NUM_STEPS, weights=None, rewards=None, models_cls=obje
     c.pareto.weights = ml_collections.ConfigDict(weights or dict(red=1.0, blue=0.0))
     _, transformer, _, vae = model_setup.build_modules(c.model)
     scale, shift = model_setup.vae_scaling(vae)
-    return models_cls(transformer, vae, scale, shift, rewards=reward_setup.build(c.rewards), sample_config=c.sample,
-                      pareto=c.pareto)
+    models = models_cls(transformer, vae, scale, shift, rewards=reward_setup.build(c.rewards))
+    _RUN_SETTINGS[id(models)] = objectives.RunSettings.from_config(c)
+    return models
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +84,7 @@ def max_rel_err(actual_leaves, expected_leaves) -> float:
 def objective(models, **fields):
     cfg = ml_collections.ConfigDict(dict(name="reward_backprop", **fields))
     objectives.validate_config(cfg)
-    return objectives.build(cfg, models)
+    return objectives.build(cfg, models, _RUN_SETTINGS[id(models)])
 
 
 def objective_grad(obj, world, rng):
