@@ -32,6 +32,7 @@ from alignax.rewards import setup as reward_setup
 
 PyTree = Any
 CONDITIONING = ("encoder_hidden_states", "pooled_projections")
+HOST_FIELDS = ("identity",)  # optional string fields rewards read on the host (`Reward.host_fields`)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,7 +80,8 @@ def eval_prompts(config: ml_collections.ConfigDict, num_prompts: int) -> dict[st
                         f"it has {sorted(source.features)}")
     count = min(num_prompts, len(source))
     batch = data.stack_records(source.get_many(range(count)), where=source.path)
-    return {"prompt": [str(p) for p in batch["prompt"]], **{k: np.asarray(batch[k]) for k in CONDITIONING}}
+    return {"prompt": [str(p) for p in batch["prompt"]], **{k: np.asarray(batch[k]) for k in CONDITIONING},
+            **{k: [str(v) for v in batch[k]] for k in HOST_FIELDS if k in batch}}
 
 
 def generate(ckpt: Checkpoint, prompts: dict[str, Any], seed: int, batch_size: int | None = None) -> np.ndarray:
@@ -105,9 +107,11 @@ def generate(ckpt: Checkpoint, prompts: dict[str, Any], seed: int, batch_size: i
     return np.concatenate(chunks)
 
 
-def score(ckpt: Checkpoint, images: np.ndarray, prompts: list[str]) -> dict[str, np.ndarray]:
-    """{reward name: scores [N]} for every configured reward."""
-    host = reward_setup.prepare(ckpt.models.rewards, {"prompt": list(prompts)})
+def score(ckpt: Checkpoint, images: np.ndarray, prompts: list[str],
+          fields: dict[str, Any] | None = None) -> dict[str, np.ndarray]:
+    """{reward name: scores [N]} for every configured reward; `fields`: other host fields the rewards
+    read (e.g. `identity`), one entry per prompt."""
+    host = reward_setup.prepare(ckpt.models.rewards, {**(fields or {}), "prompt": list(prompts)})
     batch = {k: jnp.asarray(v) for k, v in host.items() if np.asarray(v).dtype.kind not in "OUS"}
     out = {}
     for name, reward in ckpt.models.rewards.items():
@@ -134,7 +138,8 @@ def evaluate(workdir: str | Path, *, step: int | None = None, ema: bool = False,
     per_seed = {name: [] for name in ckpt.models.rewards}  # name -> [seed][prompt]
     for seed in seeds:
         images = generate(ckpt, prompts, seed, batch_size)
-        for name, scores in score(ckpt, images, prompts["prompt"]).items():
+        fields = {k: prompts[k] for k in HOST_FIELDS if k in prompts}
+        for name, scores in score(ckpt, images, prompts["prompt"], fields).items():
             per_seed[name].append(scores)
     table = {name: np.stack(rows) for name, rows in per_seed.items()}  # [seeds, prompts]
     result = {

@@ -121,6 +121,7 @@ CAPTIONED_IMAGES = RecordSchema(
 PROMPTS = RecordSchema(
     name="prompts",
     required={"prompt": _PROMPT, "encoder_hidden_states": _HIDDEN, "pooled_projections": _POOLED},
+    optional={"identity": Field(STRING, doc="the identity the sample should show (the `identity` reward's key)")},
     doc="Prompts with text conditioning, for on-policy reward training (no images).",
 )
 
@@ -142,8 +143,19 @@ PREFERENCE_PAIRS = RecordSchema(
     doc="Two images for one prompt and which one people preferred (Pick-a-Pic style).",
 )
 
+IDENTITY_IMAGES = RecordSchema(
+    name="identity_images",
+    required={
+        "image": _IMAGE,
+        "label": Field("int64", (), doc="the identity's class index, 0 .. num_identities - 1 (same in every split)"),
+        "identity": Field(STRING, doc="the identity's name (its directory name in a directory-per-identity source)"),
+    },
+    doc="Face (or other identity) images labelled by who they show, for training an identity embedder "
+        "(alignax.identity.train).",
+)
+
 SCHEMAS: Registry[RecordSchema] = Registry("dataset kind", error=DataError)
-for _schema in (CAPTIONED_IMAGES, PROMPTS, PREFERENCE_PAIRS):
+for _schema in (CAPTIONED_IMAGES, PROMPTS, PREFERENCE_PAIRS, IDENTITY_IMAGES):
     SCHEMAS.register(_schema.name, _schema)
 
 

@@ -9,7 +9,8 @@ Layout of `out_dir` (each a TFDS array_record dataset directory, splits 'train' 
 
     out_dir/
       captioned_images/   image uint8 [S,S,3], prompt, encoder_hidden_states [L,D], pooled_projections [P]
-      prompts/            prompt, encoder_hidden_states, pooled_projections (other captions than the images')
+      prompts/            prompt, encoder_hidden_states, pooled_projections (other captions than the images'),
+                          identity (the shape's name: the subject the `identity` reward keeps recognisable)
       preference_pairs/   prompt, image_0, image_1, label_0, encoder_hidden_states, pooled_projections
       world.json          the arguments used, the palette and the shapes; written last, so its
                           presence means the world is complete (an interrupted build is redone)
@@ -93,7 +94,7 @@ def build_tiny_world(
     )
     write_prompts(
         paths["prompts"],
-        {s: with_text([{"prompt": x["prompt"]} for x in scenes(1, s)]) for s in sizes},
+        {s: with_text([{"prompt": x["prompt"], "identity": x["shape"]} for x in scenes(1, s)]) for s in sizes},
         overwrite=overwrite,
     )
     write_preference_pairs(
@@ -122,14 +123,15 @@ def build_tiny_world(
 
 
 def random_scene(rng: np.random.Generator, image_size: int) -> dict[str, object]:
-    """One random shape/colour/background image with its caption."""
+    """One random shape/colour/background image with its caption and shape name."""
     colours = list(PALETTE)
     fg, bg = rng.choice(len(colours), size=2, replace=False)
     shape = SHAPES[rng.integers(len(SHAPES))]
     radius = rng.uniform(0.2, 0.35) * image_size
     centre = rng.uniform(radius, image_size - radius, size=2)
     image = draw(shape, PALETTE[colours[fg]], PALETTE[colours[bg]], image_size, centre, radius)
-    return {"image": image, "prompt": f"{_article(colours[fg])} {shape} on {_article(colours[bg])} background"}
+    return {"image": image, "prompt": f"{_article(colours[fg])} {shape} on {_article(colours[bg])} background",
+            "shape": shape}
 
 
 def _article(word: str) -> str:

@@ -45,6 +45,7 @@ from alignax.errors import ConfigError
 from alignax.models import remat as remat_lib
 from alignax.objectives import base, register
 from alignax.objectives import trajectory as traj
+from alignax.rewards import base as reward_base
 
 DEFAULTS = dict(mode="full", k=1, k_max=1, lv_n=2, refl_range=(), kl_weight=0.0, remat="full")
 
@@ -216,15 +217,16 @@ def build(cfg: ml_collections.ConfigDict, models: base.Models, run: base.RunSett
         out = mode.rollout(ctx, params, ref, noise, cond, mode_rng)
         images = models.decode(frozen, out.latents)
         scored_batch = batch if out.copies == 1 else {k: jnp.concatenate([v] * out.copies) for k, v in batch.items()}
-        raw = {}
+        raw, reward_info = {}, {}
         for name in names:
-            scores, _ = models.rewards[name].apply(frozen["rewards"][name], images, scored_batch)
+            scores, extra = models.rewards[name].apply(frozen["rewards"][name], images, scored_batch)
             raw[name] = jnp.mean(scores.reshape(out.copies, -1), axis=0)  # average over DRaFT-LV copies
+            reward_info.update(reward_base.info_metrics(name, extra))
         per_sample, info, new_state = pareto.multi_reward_loss(raw, state, **pareto_kwargs)
         reward_loss = jnp.mean(per_sample)
         drift = jnp.mean(out.drift_sum) / out.live_calls
         value = reward_loss + cfg.kl_weight * drift if use_reference else reward_loss
-        metrics = {**info, **out.metrics, "loss": value, "reward_loss": reward_loss,
+        metrics = {**reward_info, **info, **out.metrics, "loss": value, "reward_loss": reward_loss,
                    "reward/mean": jnp.mean(jnp.stack([jnp.mean(raw[n]) for n in names]))}
         if use_reference:
             metrics["kl_drift"] = drift

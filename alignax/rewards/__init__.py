@@ -14,6 +14,7 @@ from alignax.rewards import (
     aesthetic,  # noqa: F401  (registers aesthetic)
     clip_score,  # noqa: F401  (registers clip_score)
     hpsv2,  # noqa: F401  (registers hpsv2, hpsv2.1)
+    identity,  # noqa: F401  (registers identity, identity_aesthetic)
     pickscore,  # noqa: F401  (registers pickscore)
     toy,  # noqa: F401  (registers brightness, channel_mean, channel_share)
 )

@@ -14,6 +14,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from alignax.errors import ConfigError, DataError
@@ -39,6 +40,10 @@ class Reward:
     params: plain pytree of weights (empty for toy rewards).
     specs: logical PartitionSpecs with the structure of `params`.
     tokenize: host-side `prompts -> {batch key: np.ndarray}`.
+    host_fields: host batch fields beyond `prompt` the reward reads (e.g. `identity`, a string per
+      sample); the data pipeline checks they are present and hands the host batch to `host_fn`.
+    host_fn: host-side `host batch -> {batch key: np.ndarray}`, for inputs that must be computed
+      from non-array fields (strings never reach the device), e.g. per-sample reference embeddings.
     range: what values the scores take, in words.
     preprocessing: how images are brought to the scorer's input, in words.
     """
@@ -48,6 +53,8 @@ class Reward:
     params: PyTree = dataclasses.field(default_factory=dict)
     specs: PyTree = dataclasses.field(default_factory=dict)
     tokenize: Callable[[list[str]], dict[str, np.ndarray]] = _no_text
+    host_fields: tuple[str, ...] = ()
+    host_fn: Callable[[Batch], dict[str, np.ndarray]] | None = None
     differentiable: bool = True
     higher_is_better: bool = True
     range: str = ""
@@ -72,6 +79,18 @@ class Reward:
         """Host-side inputs (token ids) for `batch`, under keys prefixed by `name + '/'`."""
         return self.tokenize(list(prompts))
 
+    def prepare_batch(self, host_batch: Batch) -> dict[str, np.ndarray]:
+        """All host-side inputs for `batch`: token ids of `host_batch['prompt']` and `host_fn`'s arrays.
+        A missing `host_fields` entry is a DataError naming the field."""
+        extra = self.prepare([str(p) for p in host_batch["prompt"]]) if "prompt" in host_batch else {}
+        missing = [f for f in self.host_fields if f not in host_batch]
+        if missing:
+            raise DataError(f"reward {self.name!r} reads the batch fields {missing}, which the batch lacks (it has "
+                            f"{sorted(host_batch)}); add them to the prompts dataset")
+        if self.host_fn is not None:
+            extra.update(self.host_fn(host_batch))
+        return extra
+
     def logical_specs(self) -> PyTree:
         """Logical axis names ('embed', 'heads', 'mlp', ...) of every param, for sharding over the mesh."""
         return self.specs
@@ -86,8 +105,20 @@ def take(batch: Batch, reward_name: str, field: str) -> Any:
     key = batch_key(reward_name, field)
     if key not in batch:
         raise DataError(f"reward {reward_name!r}: batch has no {key!r} (found {sorted(batch)}); "
-                        f"fill it with reward.prepare(prompts)")
+                        f"fill it with reward.prepare_batch(host_batch) (or reward.prepare(prompts))")
     return batch[key]
+
+
+def info_metrics(reward_name: str, info: Mapping[str, Any]) -> dict[str, jax.Array]:
+    """A reward's `info` as scalar metrics `reward/<name>/info/<key>`: per-sample [B] entries by
+    their batch mean (a 0/1 flag becomes a fraction), scalars as they are (counts); others skipped.
+    Under gradient accumulation the trainer averages metrics over micro-batches."""
+    out = {}
+    for key, value in info.items():
+        value = jnp.asarray(value)
+        if value.ndim <= 1 and value.size:
+            out[f"reward/{reward_name}/info/{key}"] = jnp.mean(value.astype(jnp.float32))
+    return out
 
 
 REGISTRY: Registry[Callable[..., Reward]] = Registry("reward kind")

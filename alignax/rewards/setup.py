@@ -16,7 +16,7 @@ from typing import Any
 
 import ml_collections
 
-from alignax.errors import ConfigError
+from alignax.errors import ConfigError, DataError
 from alignax.rewards.base import RESERVED
 
 
@@ -48,14 +48,24 @@ def validate_config(rewards_config: ml_collections.ConfigDict) -> None:
 
 
 def prepare(rewards: Mapping[str, Any], host_batch: dict) -> dict:
-    """Adds each reward's host-side inputs (token ids of the batch's prompts) to the batch."""
-    if not rewards or "prompt" not in host_batch:
+    """Adds each reward's host-side inputs (token ids of the batch's prompts, and what `host_fn`
+    computes from other host fields such as `identity`) to the batch."""
+    if not rewards:
         return host_batch
-    prompts = [str(p) for p in host_batch["prompt"]]
     extra = {}
     for reward in rewards.values():
-        extra.update(reward.prepare(prompts))
+        extra.update(reward.prepare_batch(host_batch))
     return {**host_batch, **extra}
+
+
+def check_fields(rewards: Mapping[str, Any], fields: Any, where: str) -> None:
+    """DataError unless every record field a reward reads on the host (`Reward.host_fields`, e.g.
+    `identity`) is in `fields`; called when the dataset is opened, before anything compiles."""
+    for name, reward in rewards.items():
+        missing = [f for f in getattr(reward, "host_fields", ()) if f not in fields]
+        if missing:
+            raise DataError(f"{where}: config.rewards.{name} (kind {getattr(reward, 'kind', name)!r}) reads the "
+                            f"record fields {missing}, which this dataset lacks (it has {sorted(fields)})")
 
 
 def build(rewards_config: ml_collections.ConfigDict) -> dict[str, Any]:

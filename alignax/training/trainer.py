@@ -286,6 +286,7 @@ class Trainer:
         path = data_setup.dataset_path(self.config.data, self.objective.data)
         source = data.open_dataset(path, split or self.config.data.split)
         check.check_dataset(source, self.objective, self.models.transformer.config, self.models.vae.config)
+        reward_setup.check_fields(self.models.rewards, source.features, f"dataset {source.path}")
         return data.Loader(source, global_batch_size=self.config.batch_size, seed=self.config.seed,
                            process_index=jax.process_index(), process_count=jax.process_count(),
                            shuffle=self.config.data.shuffle)
