@@ -44,11 +44,14 @@ def main(argv: list[str]) -> int:
                            num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
 
     from alignax import config as config_lib
+    from alignax import fs
     from alignax.data import setup as data_setup
     from alignax.training.trainer import Trainer
 
     config = _CONFIG.value
     config_lib.validate(config, jax.device_count())
+    if fs.is_remote(_WORKDIR.value):
+        fs.filesystem(_WORKDIR.value)  # a missing backend (gs:// without gcsfs) fails here, before any work
     try:
         data_setup.prepare(config, _WORKDIR.value)
         if _preempted_during_startup("generating data", config):

@@ -14,6 +14,7 @@ from pathlib import Path
 import jax
 import ml_collections
 
+from alignax import fs
 from alignax.errors import ConfigError
 
 GENERATORS = ("tiny_world",)
@@ -38,14 +39,27 @@ def prepare(config: ml_collections.ConfigDict, workdir: str | Path) -> None:
     if config.data.path:
         raise ConfigError(f"config.data.path={config.data.path!r} and config.data.generate={generate!r} are both "
                           "set; keep one")
-    root = Path(workdir) / generate
-    if jax.process_index() == 0 and not (root / "world.json").exists():
+    root = generated_root(workdir, generate)
+    remote = fs.is_remote(workdir)
+    # A remote workdir's generated data lives on each host's local disk (the readers need random access
+    # to local files); every host builds the same deterministic copy, so no barrier is needed.
+    if (remote or jax.process_index() == 0) and not (root / "world.json").exists():
         from alignax.data import build_tiny_world
         build_tiny_world(root, seed=config.seed, **tiny_world_sizes(config))
-    if jax.process_count() > 1:
+    if jax.process_count() > 1 and not remote:
         from jax.experimental import multihost_utils
         multihost_utils.sync_global_devices("alignax: tiny world written")
     config.data.path = str(root)
+
+
+def generated_root(workdir: str | Path, generate: str) -> Path:
+    """Where generated data goes: `workdir/<generator>`, or for a remote workdir (gs://...) a local
+    mirror under `$ALIGNAX_CACHE_DIR/generated/<protocol>/<path>/<generator>` (never a local `gs:/` tree)."""
+    if not fs.is_remote(workdir):
+        return Path(workdir) / generate
+    from alignax.models import remote_weights
+    protocol, _, rest = str(workdir).partition("://")
+    return remote_weights.cache_dir() / "generated" / protocol / rest.strip("/") / generate
 
 
 def dataset_path(data_config: ml_collections.ConfigDict, kind: str) -> str:

@@ -331,7 +331,7 @@ class Campaign:
 
     def case_sigterm_during_startup(self) -> Outcome:
         workdir = self.fresh("term_start")
-        proc = self._sigterm_after(workdir, lambda: False, "--config.total_steps=4", wait=2.0)
+        proc = self._sigterm_after(workdir, lambda: True, "--config.total_steps=4", wait=2.0)
         if proc.returncode != 0:
             return Outcome("crash", f"exit {proc.returncode}")
         return succeeded(proc, "preempt")
