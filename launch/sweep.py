@@ -211,7 +211,7 @@ def launch(sweep: str, backend_name: str, *, workdir_root: str | None = None, dr
     returns the exit code (1 when a run failed or ended flagged)."""
     config, raw_runs = load_sweep(sweep)
     backend = backends.get(backend_name, **backend_options)
-    root = workdir_root or f"/tmp/alignax/sweeps/{Path(sweep.partition(':')[0]).stem}"
+    root = workdir_root or f"/tmp/alignax_runs/sweeps/{Path(sweep.partition(':')[0]).stem}"
     runs = resolve_runs(raw_runs, root)
     num_devices = backend.num_devices()
     configs = validate_runs(config, runs, num_devices)
@@ -265,7 +265,7 @@ def cli() -> None:
 
     flags.DEFINE_string("sweep", None, "experiments/sweeps/NAME.py[:ARG] defining get_sweep()")
     flags.DEFINE_enum("backend", "local", sorted(backends.BACKENDS), "where the runs execute")
-    flags.DEFINE_string("workdir_root", None, "run NAME trains in ROOT/NAME (default /tmp/alignax/sweeps/<sweep>)")
+    flags.DEFINE_string("workdir_root", None, "run NAME trains in ROOT/NAME (default /tmp/alignax_runs/sweeps/<sweep>)")
     flags.DEFINE_bool("dry_run", False, "validate and print the commands, run nothing")
     flags.DEFINE_bool("rerun_finished", False, "relaunch points whose status.json says finished or whose final "
                                                "checkpoint is complete (skipped by default)")

@@ -1,6 +1,6 @@
 """Diffusion-DPO of a random tiny MM-DiT on the tiny world's preference pairs; ~20 steps on CPU.
 
-    python -m alignax.train --config=experiments/configs/dpo_tiny.py --workdir=/tmp/alignax/dpo_tiny
+    python -m alignax.train --config=experiments/configs/dpo_tiny.py --workdir=/tmp/alignax_runs/dpo_tiny
     python -m alignax.train --config=experiments/configs/dpo_tiny.py:lora ...     # reference = base, LoRA off
     python -m alignax.train --config=experiments/configs/dpo_tiny.py:online ...   # reference refreshed every 5 steps
 """

@@ -5,7 +5,7 @@ clean image's pixel patches (4×4 grid) and of the pooled caption embedding
 (`targets='random_projection'`); real runs precompute SigLIP 2 features into the batch
 (`targets='batch'`).
 
-    python -m alignax.train --config=experiments/configs/feature_align_tiny.py --workdir=/tmp/alignax/fa_tiny
+    python -m alignax.train --config=experiments/configs/feature_align_tiny.py --workdir=/tmp/alignax_runs/fa_tiny
 """
 
 from experiments.configs import common

@@ -2,7 +2,7 @@
 32x32, jittered in position, scale, brightness and noise); on CPU a few hundred steps take held-out
 verification accuracy from about chance to well above it.
 
-    python -m alignax.identity.train --config=experiments/configs/identity_tiny.py --workdir=/tmp/alignax/id
+    python -m alignax.identity.train --config=experiments/configs/identity_tiny.py --workdir=/tmp/alignax_runs/id
 
 For a real embedder, point it at aligned 112x112 face crops (one directory per identity) and use an r50:
     --config.data.generate='' --config.data.images=/data/faces --config.data.image_size=112

@@ -3,7 +3,7 @@
 Red share against blue share of each pixel (`channel_share`, channels 0 and 2): a real conflict, as
 no image maximises both, so the weight vector picks a point on the trade-off.
 
-    python -m alignax.train --config=experiments/configs/reward_backprop_tiny.py --workdir=/tmp/alignax/rb_tiny
+    python -m alignax.train --config=experiments/configs/reward_backprop_tiny.py --workdir=/tmp/alignax_runs/rb_tiny
     python -m alignax.train --config=experiments/configs/reward_backprop_tiny.py:draft_k ...   # any mode name
     python -m alignax.train --config=experiments/configs/reward_backprop_tiny.py:refl,kl,lora,running ...
     ... --config.pareto.weights.red=0.25 --config.pareto.weights.blue=0.75

@@ -1,7 +1,7 @@
 """Train a tiny random CLIP into a preference scorer on the generated tiny world's pairs (the preferred
 image is the more saturated one); a few hundred CPU steps take held-out accuracy from ~50% to >90%.
 
-    python -m alignax.reward_model.train --config=experiments/configs/reward_model_tiny.py --workdir=/tmp/alignax/rm
+    python -m alignax.reward_model.train --config=experiments/configs/reward_model_tiny.py --workdir=/tmp/rm
     python -m alignax.reward_model.train --config=experiments/configs/reward_model_tiny.py:frozen_text ...
 
 For a real run, start from a downloaded CLIP and a Pick-a-Pic style dataset instead:

@@ -1,6 +1,6 @@
 """SFT (rectified flow) of a random tiny MM-DiT on the generated tiny world; ~20 steps on CPU.
 
-    python -m alignax.train --config=experiments/configs/sft_tiny.py --workdir=/tmp/alignax/sft_tiny
+    python -m alignax.train --config=experiments/configs/sft_tiny.py --workdir=/tmp/alignax_runs/sft_tiny
     python -m alignax.train --config=experiments/configs/sft_tiny.py:lora ...   # LoRA + EMA variant
 """
 
