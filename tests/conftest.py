@@ -56,3 +56,11 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     terminalreporter.section("parity: worst max relative error per test")
     for test, err in sorted(worst.items()):
         terminalreporter.write_line(f"{err:9.2e}  {test}")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3_pipeline(tmp_path_factory) -> str:
+    """A tiny random SD3 pipeline saved by diffusers (all components; tests/sd3_pipeline.py), built once per
+    test process: treat it as read-only."""
+    from tests import sd3_pipeline
+    return str(sd3_pipeline.build(tmp_path_factory.mktemp("tiny_sd3")))
