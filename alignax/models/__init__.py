@@ -7,6 +7,7 @@ from alignax.models import (
     clip,  # noqa: F401  (registers clip)
     mmdit,  # noqa: F401  (registers SD3Transformer2DModel)
     siglip,  # noqa: F401  (registers siglip)
+    t5,  # noqa: F401  (registers t5)
     vae,  # noqa: F401  (registers AutoencoderKL)
 )
 from alignax.models.diffusers_format import load_diffusers, save_diffusers

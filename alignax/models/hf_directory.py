@@ -41,11 +41,18 @@ def build_module(architecture: Architecture, config: dict, source: Path, **optio
 def load_params(directory: Path, architecture: Architecture, module, dtype) -> Any:
     """Checks every key and shape from the safetensors headers, then reads and casts the data."""
     infos = weights_io.read_header(directory, architecture.weights_stem)
+    stored = {key: key for key in infos}  # model key -> key in the files
+    for key, alias in architecture.key_aliases:
+        if alias in stored:
+            del stored[alias]
+            if key not in stored:
+                stored[key] = alias
     template, _ = abstract_params(architecture, module)
     key_to_path = torch_layout.check_state_dict(
-        template, {k: v.shape for k, v in infos.items()}, source=str(directory),
+        template, {k: infos[s].shape for k, s in stored.items()}, source=str(directory),
         ignore_unexpected=architecture.ignore_unexpected)
-    arrays = weights_io.load_tensors(infos, list(key_to_path))
+    model_key = {s: k for k, s in stored.items()}
+    arrays = ((model_key[s], a) for s, a in weights_io.load_tensors(infos, [stored[k] for k in key_to_path]))
     return torch_layout.state_dict_to_params(arrays, key_to_path, lambda a: jnp.asarray(a, dtype=dtype))
 
 

@@ -31,6 +31,9 @@ class Architecture:
     init_method: module method `init` runs, when not `__call__`.
     ignore_unexpected: regexes of checkpoint keys that carry no params (buffers).
     weights_stem: file stem of the safetensors files ('diffusion_pytorch_model', 'model').
+    key_aliases: (model key, stored alias) pairs for tied params a checkpoint may store under
+      either name (transformers' T5 writes `shared.weight`, older saves `encoder.embed_tokens.weight`
+      too); the alias is read when the model key is absent and dropped as a tied copy when both are.
     """
 
     name: str
@@ -39,6 +42,7 @@ class Architecture:
     weights_stem: str
     init_method: str | None = None
     ignore_unexpected: tuple[str, ...] = ()
+    key_aliases: tuple[tuple[str, str], ...] = ()
 
 
 DIFFUSERS: Registry[Architecture] = Registry("diffusers architecture (_class_name)", error=WeightsError)
