@@ -4,7 +4,8 @@ Trains an IResNet identity embedder (alignax/models/iresnet.py, any depth) with 
 margin loss (alignax/identity/loss.py) on an `identity_images` dataset, reports held-out verification accuracy
 at step 0, every `eval_every` steps and at the end (`workdir/metrics.jsonl`), and exports the embedder with
 `iresnet.save` to `workdir/export` (or `config.output_dir` / `--out`), the directory the `identity` reward
-reads through `iresnet.load_any`.
+reads through `iresnet.load_any`; with `--export_onnx` (config.export_onnx) also `export/model.onnx` in
+insightface's layout (alignax/models/iresnet_onnx.py), which insightface's tools and `load_insightface` read.
 
 Verification: every same-identity pair of the validation (and test) split, and as many different-identity
 pairs drawn at random, so chance is 50%. The cosine threshold that best separates the validation pairs is
@@ -21,6 +22,10 @@ and optimiser state are replicated, and BatchNorm's batch statistics are those o
 mean under jit over a sharded batch is a global mean). Resume is exact: the checkpoint holds params, BN
 running statistics and optimiser state; batch `step` is `Loader.batch_at(step)` and its random flips come from
 `fold_in(key(seed), step)`.
+
+The run frame (alignax/training/small_loop.py, shared with alignax.reward_model.train): one run per workdir
+(the workdir lock), SIGTERM -> the step checkpointed and a clean stop (exit 0, nothing exported; rerun to
+resume), `status.json`, resume from the newest readable checkpoint, metrics.jsonl cut back to it.
 """
 
 from __future__ import annotations
@@ -31,7 +36,6 @@ import logging
 import math
 import os
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -55,6 +59,7 @@ PyTree = Any
 KIND = "identity_images"
 BATCH_AXES = ("data", "fsdp")
 DATA_GENERATORS = ("synthetic",)
+ONNX_NAME = "model.onnx"             # config.export_onnx: beside the safetensors export
 log = logging.getLogger("alignax")
 
 
@@ -71,6 +76,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.keep_checkpoints = 2
     c.data_parallel = True           # shard the batch over all devices; False: one device
     c.output_dir = ""                # default workdir/export
+    c.export_onnx = False            # also write output_dir/model.onnx in insightface's layout (iresnet_onnx)
     c.loss = ml_collections.ConfigDict(dict(
         scale=64.0,                  # s: logits are s·cos
         margin=0.5,                  # m: the true class's logit is s·cos(θ + m)
@@ -322,23 +328,34 @@ def verification(validation: tuple[np.ndarray, np.ndarray, np.ndarray],
 class RunResult:
     final_step: int
     evals: list[EvalResult]
-    output_dir: str
+    output_dir: str                  # where the embedder was exported ('' when preempted: nothing exported)
     params: PyTree                   # IResNet params with BN statistics merged in (iresnet.merge_stats), as exported
+    preempted: bool = False          # SIGTERM: the last step is checkpointed, nothing exported; a rerun resumes
 
 
 def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
         on_step: Callable[[int], None] | None = None) -> RunResult:
-    """Trains, evaluates and exports as described in the module docstring.
+    """Trains, evaluates and exports as described in the module docstring, inside the small trainers' run
+    frame (alignax.training.small_loop: workdir lock, SIGTERM -> checkpoint and stop, status.json, resume
+    from the newest readable checkpoint, metrics.jsonl cut back to it).
 
     `on_step(done)` is called after every finished step (and its checkpoint); tests raise from it to kill a run."""
+    from alignax.training.small_loop import SmallLoop
+
+    config = validate(ml_collections.ConfigDict(config.to_dict()), jax.device_count())
+    with SmallLoop(workdir, config.to_dict(), total_steps=config.total_steps, log_every=config.log_every,
+                   eval_every=config.eval_every, checkpoint_every=config.checkpoint_every,
+                   keep_checkpoints=config.keep_checkpoints) as loop:
+        return _run(config, Path(workdir), loop, on_step)
+
+
+def _run(config: ml_collections.ConfigDict, workdir: Path, loop, on_step: Callable[[int], None] | None) -> RunResult:
     from alignax.data import Loader, open_dataset
     from alignax.models import iresnet
-    from alignax.training.checkpoint import Checkpointer, check_compatible
-    from alignax.training.metrics import ConsoleProgress, MetricsWriter
 
-    workdir = Path(workdir)
-    config = validate(ml_collections.ConfigDict(config.to_dict()), jax.device_count())
     dataset = prepare_data(config, workdir)
+    if loop.preempted("while preparing the data"):
+        return RunResult(final_step=loop.step, evals=[], output_dir="", params=None, preempted=True)
     train_source = open_dataset(dataset, config.data.split, kind=KIND)
     eval_sources = [open_dataset(dataset, split, kind=KIND)
                     for split in (config.data.validation_split, config.data.test_split)]
@@ -419,71 +436,36 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
             parts.append((embeddings, pairs, same))
         return verification(parts[0], parts[1], step)
 
-    is_main = jax.process_index() == 0
-    checkpointer = None
-    start_step = 0
-    if config.checkpoint_every:
-        checkpointer = Checkpointer(workdir, keep=config.keep_checkpoints, async_save=False)
-        restored = checkpointer.restore_latest(
-            jax.eval_shape(lambda s: s, state), state_shardings,
-            check_config=lambda saved: check_compatible(saved, config.to_dict(), checkpointer.directory))
-        if restored is not None:
-            start_step, state = restored
-            log.info("resumed from %s step %d", checkpointer.directory, start_step)
-    writer = MetricsWriter(workdir, enabled=is_main, purge_step=start_step)
-    writer.truncate(start_step)
-    progress = ConsoleProgress(config.total_steps, enabled=is_main)
+    def step_fn(state, host):
+        _check_labels(host["label"], num_identities, train_source)
+        return train_step(state, to_device(host["image"]), to_device(host["label"]))
+
     evals: list[EvalResult] = []
 
-    def record_eval(step: int) -> None:
+    def record_eval(state, step: int) -> dict[str, float]:
         result = evaluate(state, step)
         evals.append(result)
-        writer.scalars(step, result.metrics())
         log.info("step %d: verification accuracy %.4f (threshold %.3f from validation accuracy %.4f), "
                  "same-different cosine margin %.4f over %d pairs", step, result.verification_accuracy,
                  result.threshold, result.validation_accuracy, result.cosine_margin, result.pairs)
+        return result.metrics()
 
-    if start_step == 0:
-        record_eval(0)
-    tick, tick_step = time.perf_counter(), start_step
-    batches = loader.batches(start_step)
+    if loop.preempted("while building the model"):
+        return RunResult(final_step=loop.step, evals=[], output_dir="", params=None, preempted=True)
+    start_step, state = loop.restore(state, state_shardings)
+    done = loop.train(state, loader.batches(start_step), step_fn, record_eval, start=start_step, on_step=on_step)
+    state = done.state
+    params = iresnet.merge_stats(*jax.device_get((state["params"]["backbone"], state["batch_stats"])))
+    if done.preempted:
+        return RunResult(final_step=done.final_step, evals=evals, output_dir="", params=params, preempted=True)
     output_dir = config.output_dir or fs.join(fs.absolute(workdir), "export")
-    try:
-        for step, host in batches:
-            if step >= config.total_steps:
-                break
-            _check_labels(host["label"], num_identities, train_source)
-            state, metrics = train_step(state, to_device(host["image"]), to_device(host["label"]))
-            done = step + 1
-            if done % config.log_every == 0 or done == config.total_steps:
-                metrics = {f"train/{k}": float(v) for k, v in jax.device_get(metrics).items()}
-                now = time.perf_counter()
-                metrics["train/steps_per_second"] = (done - tick_step) / max(now - tick, 1e-9)
-                tick, tick_step = now, done
-                writer.scalars(done, {**metrics, "loss": metrics["train/loss"]})
-                progress.update(done, metrics["train/loss"], metrics["train/steps_per_second"])
-            if config.eval_every and done % config.eval_every == 0 and done != config.total_steps:
-                record_eval(done)
-            if checkpointer is not None and done % config.checkpoint_every == 0:
-                checkpointer.save(done, state, config.to_dict())
-            if on_step is not None:
-                on_step(done)
-        final_step = max(int(jax.device_get(state["step"])), start_step)
-        if checkpointer is not None:
-            checkpointer.save(final_step, state, config.to_dict())  # a no-op when that step is saved already
-        if not evals or evals[-1].step != final_step:
-            record_eval(final_step)
-        params = iresnet.merge_stats(*jax.device_get((state["params"]["backbone"], state["batch_stats"])))
-        if is_main:
-            iresnet.save((model.config, params), output_dir)
-        _sync("alignax: identity embedder exported")
-    finally:
-        batches.close()
-        progress.finish()
-        writer.close()
-        if checkpointer is not None:
-            checkpointer.close()
-    return RunResult(final_step=final_step, evals=evals, output_dir=output_dir, params=params)
+    if jax.process_index() == 0:
+        iresnet.save((model.config, params), output_dir)
+        if config.export_onnx:
+            from alignax.models.iresnet_onnx import export_onnx
+            export_onnx((model.config, params), fs.join(output_dir, ONNX_NAME))
+    _sync("alignax: identity embedder exported")
+    return RunResult(final_step=done.final_step, evals=evals, output_dir=output_dir, params=params)
 
 
 def _check_labels(labels: np.ndarray, num_identities: int, source) -> None:
@@ -501,10 +483,15 @@ def _check_labels(labels: np.ndarray, num_identities: int, source) -> None:
 def main(argv: list[str]) -> int:
     del argv
     config = _CONFIG.value
-    if _OUT.value:
+    if _OUT.value or _EXPORT_ONNX.value:
         config = ml_collections.ConfigDict(config.to_dict())
-        config.output_dir = _OUT.value
+        config.output_dir = _OUT.value or config.output_dir
+        config.export_onnx = config.export_onnx or _EXPORT_ONNX.value
     result = run(config, _WORKDIR.value)
+    if result.preempted:
+        print(f"preempted at step {result.final_step} (SIGTERM); nothing exported; rerun the same command to "
+              f"resume from workdir {_WORKDIR.value}", file=sys.stderr)
+        return 0
     first, last = result.evals[0], result.evals[-1]
     print(f"wrote the identity embedder of step {result.final_step} (held-out verification accuracy "
           f"{first.verification_accuracy:.3f} at step {first.step} -> {last.verification_accuracy:.3f}, same-minus-"
@@ -514,15 +501,20 @@ def main(argv: list[str]) -> int:
 
 def cli() -> None:
     """`alignax-train-id` / `python -m alignax.identity.train`: flags defined here, not at import."""
-    global _CONFIG, _WORKDIR, _OUT
+    global _CONFIG, _WORKDIR, _OUT, _EXPORT_ONNX
     from absl import flags
     from ml_collections import config_flags
 
     from alignax import cli as cli_lib
+    from alignax.training import preemption
+
+    preemption.install()  # SIGTERM from here on: a clean stop with exit 0 (a checkpoint once training runs)
 
     _CONFIG = config_flags.DEFINE_config_file("config", None, "experiments/configs/NAME.py[:ARG]", lock_config=True)
     _WORKDIR = flags.DEFINE_string("workdir", None, "run directory: metrics, checkpoints, the export")
     _OUT = flags.DEFINE_string("out", "", "export directory (default: config.output_dir or WORKDIR/export)")
+    _EXPORT_ONNX = flags.DEFINE_bool("export_onnx", False, "also write EXPORT/model.onnx in insightface's layout "
+                                     "(same as --config.export_onnx=True)")
     flags.mark_flags_as_required(["config", "workdir"])
     cli_lib.run_main(main)
 

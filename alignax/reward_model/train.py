@@ -26,7 +26,6 @@ import math
 import os
 import shutil
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -258,8 +257,9 @@ class EvalResult:
 class RunResult:
     final_step: int
     evals: list[EvalResult]
-    output_dir: Path
+    output_dir: Path                 # where the scorer was saved (not written when preempted)
     params: PyTree
+    preempted: bool = False          # SIGTERM: the last step is checkpointed, nothing saved; a rerun resumes
 
 
 def data_mesh(data_parallel: bool) -> Mesh:
@@ -267,15 +267,26 @@ def data_mesh(data_parallel: bool) -> Mesh:
     return Mesh(np.asarray(devices), (DATA_AXIS,))
 
 
-def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> RunResult:
-    """Trains, evaluates and saves as described in the module docstring; returns the held-out history."""
+def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
+        on_step: Callable[[int], None] | None = None) -> RunResult:
+    """Trains, evaluates and saves as described in the module docstring; returns the held-out history. Runs in
+    the small trainers' frame (alignax.training.small_loop: workdir lock, SIGTERM -> checkpoint and stop,
+    status.json, resume from the newest readable checkpoint, metrics.jsonl cut back to it).
+
+    `on_step(done)` is called after every finished step (and its checkpoint); tests raise from it to kill a run."""
+    from alignax.training.small_loop import SmallLoop
+
+    config = validate(ml_collections.ConfigDict(config.to_dict()), jax.device_count())
+    with SmallLoop(workdir, config.to_dict(), total_steps=config.total_steps, log_every=config.log_every,
+                   eval_every=config.eval_every, checkpoint_every=config.checkpoint_every,
+                   keep_checkpoints=config.keep_checkpoints) as loop:
+        return _run(config, Path(workdir), loop, on_step)
+
+
+def _run(config: ml_collections.ConfigDict, workdir: Path, loop, on_step: Callable[[int], None] | None) -> RunResult:
     from alignax.data import Loader, open_dataset
     from alignax.data.pairs_tokens import pairs_for_scorer
-    from alignax.training.checkpoint import Checkpointer, check_compatible
-    from alignax.training.metrics import ConsoleProgress, MetricsWriter
 
-    workdir = Path(workdir)
-    config = validate(ml_collections.ConfigDict(config.to_dict()), jax.device_count())
     dataset = prepare_data(config, workdir)
     train_source = open_dataset(dataset, config.data.split, kind="preference_pairs")
     eval_source = open_dataset(dataset, config.data.eval_split, kind="preference_pairs")
@@ -317,64 +328,31 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> RunRes
         accuracy = sums["correct"] / sums["counted"] if sums["counted"] else float("nan")
         return EvalResult(step, accuracy, sums["loss_sum"] / sums["pairs"], int(sums["pairs"]))
 
-    is_main = jax.process_index() == 0
-    writer = MetricsWriter(workdir, enabled=is_main)
-    progress = ConsoleProgress(config.total_steps, enabled=is_main)
-    checkpointer = None
-    start_step = 0
-    if config.checkpoint_every:
-        checkpointer = Checkpointer(workdir, keep=config.keep_checkpoints, async_save=False)
-        latest = checkpointer.latest_step()
-        if latest is not None:
-            check_compatible(checkpointer.saved_config(latest), config.to_dict(), checkpointer.directory)
-            state = checkpointer.restore(latest, jax.eval_shape(lambda s: s, state), state_shardings)
-            start_step = latest
-            log.info("resumed from %s step %d", checkpointer.directory, latest)
-
     evals: list[EvalResult] = []
 
-    def record_eval(step: int) -> None:
+    def record_eval(state, step: int) -> dict[str, float]:
         result = evaluate(state["params"], step)
         evals.append(result)
-        writer.scalars(step, {"eval/accuracy": result.accuracy, "eval/loss": result.loss})
         log.info("step %d: held-out pairwise accuracy %.4f, loss %.4f (%d pairs)", step, result.accuracy,
                  result.loss, result.pairs)
+        return {"eval/accuracy": result.accuracy, "eval/loss": result.loss}
 
-    if start_step == 0:
-        record_eval(0)
-    tick, tick_step = time.perf_counter(), start_step
-    batches = loader.batches(start_step)
-    try:
-        for step, host in batches:
-            if step >= config.total_steps:
-                break
-            state, metrics = train_step(state, to_device(pairs_for_scorer(host, scorer.tokenize)))
-            done = step + 1
-            if done % config.log_every == 0 or done == config.total_steps:
-                metrics = {f"train/{k}": float(v) for k, v in jax.device_get(metrics).items()}
-                now = time.perf_counter()
-                metrics["train/steps_per_second"] = (done - tick_step) / max(now - tick, 1e-9)
-                tick, tick_step = now, done
-                writer.scalars(done, metrics)
-                progress.update(done, metrics["train/loss"], metrics["train/steps_per_second"])
-            if config.eval_every and done % config.eval_every == 0 and done != config.total_steps:
-                record_eval(done)
-            if checkpointer is not None and done % config.checkpoint_every == 0:
-                checkpointer.save(done, state, config.to_dict())
-        final_step = max(int(jax.device_get(state["step"])), start_step)
-        if not evals or evals[-1].step != final_step:
-            record_eval(final_step)
-        output_dir = Path(config.output_dir or workdir / "scorer")
-        if is_main:
-            save_scorer(scorer, state["params"], output_dir)
-        _sync("alignax: scorer saved")
-    finally:
-        batches.close()
-        progress.finish()
-        writer.close()
-        if checkpointer is not None:
-            checkpointer.close()
-    return RunResult(final_step=final_step, evals=evals, output_dir=output_dir, params=state["params"])
+    def step_fn(state, host):
+        return train_step(state, to_device(pairs_for_scorer(host, scorer.tokenize)))
+
+    output_dir = Path(config.output_dir or workdir / "scorer")
+    if loop.preempted("while building the scorer"):
+        return RunResult(final_step=loop.step, evals=[], output_dir=output_dir, params=None, preempted=True)
+    start_step, state = loop.restore(state, state_shardings)
+    done = loop.train(state, loader.batches(start_step), step_fn, record_eval, start=start_step, on_step=on_step)
+    state = done.state
+    if done.preempted:
+        return RunResult(final_step=done.final_step, evals=evals, output_dir=output_dir, params=state["params"],
+                         preempted=True)
+    if jax.process_index() == 0:
+        save_scorer(scorer, state["params"], output_dir)
+    _sync("alignax: scorer saved")
+    return RunResult(final_step=done.final_step, evals=evals, output_dir=output_dir, params=state["params"])
 
 
 # --- CLI --------------------------------------------------------------------------------------------
@@ -383,6 +361,10 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> RunRes
 def main(argv: list[str]) -> int:
     del argv
     result = run(_CONFIG.value, _WORKDIR.value)
+    if result.preempted:
+        print(f"preempted at step {result.final_step} (SIGTERM); nothing saved but the checkpoint; rerun the same "
+              f"command to resume from workdir {_WORKDIR.value}", file=sys.stderr)
+        return 0
     first, last = result.evals[0], result.evals[-1]
     print(f"finished at step {result.final_step}: held-out pairwise accuracy {first.accuracy:.3f} (step "
           f"{first.step}) -> {last.accuracy:.3f}; scorer saved to {result.output_dir}", file=sys.stderr)
@@ -396,7 +378,9 @@ def cli() -> None:
     from ml_collections import config_flags
 
     from alignax import cli as cli_lib
+    from alignax.training import preemption
 
+    preemption.install()  # SIGTERM from here on: a clean stop with exit 0 (a checkpoint once training runs)
     _CONFIG = config_flags.DEFINE_config_file("config", None, "experiments/configs/NAME.py[:ARG]", lock_config=True)
     _WORKDIR = flags.DEFINE_string("workdir", None, "run directory: metrics, checkpoints, the saved scorer")
     flags.mark_flags_as_required(["config", "workdir"])

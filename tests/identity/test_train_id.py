@@ -23,6 +23,8 @@ from alignax.identity import data as id_data
 from alignax.identity import loss as arcface
 from alignax.identity import train as train_id
 from experiments.configs import identity_tiny
+from tests.run_frame import checkpoint_steps, other_run_holds, sigterm_at, status, train_rows
+from tests.run_frame import clear_preemption as clear_preemption  # noqa: F401  (fixture)
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = str(REPO / "experiments" / "configs" / "identity_tiny.py")
@@ -177,12 +179,24 @@ def test_cli_mistakes_are_one_line(tmp_path):
 # ---- training ---------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.slow  # ~55 s of CPU when the machine is busy: a compile of the train step plus 60 steps
-def test_tiny_run_learns_identities_and_exports_them(tmp_path):
+TRAINED_CONFIG = dict(total_steps=60, eval_every=0, checkpoint_every=0, log_every=20)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One tiny embedder trained by `train_id` (a compile of the train step plus 60 steps), shared by the tests
+    that need a trained one: (RunResult, workdir)."""
+    workdir = tmp_path_factory.mktemp("identity") / "run"
+    return train_id.run(tiny_config(**TRAINED_CONFIG), workdir), workdir
+
+
+@pytest.mark.slow  # ~55 s of CPU when the machine is busy: the `trained` fixture
+def test_tiny_run_learns_identities_and_exports_them(trained):
     from alignax.models import iresnet
 
-    config = tiny_config(total_steps=60, eval_every=0, checkpoint_every=0, log_every=20)
-    result = train_id.run(config, tmp_path / "run")
+    result, workdir = trained
+    tmp_path = workdir.parent
+    config = tiny_config(**TRAINED_CONFIG)
     first, last = result.evals[0], result.evals[-1]
     print(f"\nverification accuracy {first.verification_accuracy:.3f} -> {last.verification_accuracy:.3f}, "
           f"same-different cosine margin {first.cosine_margin:.3f} -> {last.cosine_margin:.3f} ({last.pairs} pairs)")
@@ -203,6 +217,53 @@ def test_tiny_run_learns_identities_and_exports_them(tmp_path):
     pairs, same = train_id.verification_pairs(labels, config.data.max_pairs, config.seed * 2 + 1)
     sims = train_id.pair_similarity(embeddings, pairs)
     assert sims[same].mean() - sims[~same].mean() == pytest.approx(last.cosine_margin, abs=1e-4)
+
+
+@pytest.mark.slow  # the `trained` fixture (~55 s when shared with the test above, which pays for it); ~5 s of its own
+def test_identity_reward_with_a_trained_embedder_scores_the_same_identity_higher(trained, tmp_path):
+    """The issue's acceptance test: the `identity` reward, built on the exported embedder with references from
+    one held-out split (validation), scores unseen images (the test split) of the same identity higher than
+    those of other identities."""
+    import jax.numpy as jnp
+
+    import alignax.rewards
+    from alignax.rewards import face_align
+    from alignax.rewards import setup as reward_setup
+
+    result, workdir = trained
+    dataset = str(workdir / "synthetic_identities")
+    references = open_dataset(dataset, "validation", kind="identity_images")
+    refs_root = id_data.save_identity_directory(tmp_path / "references",
+                                                {"validation": references.get_many(range(len(references)))})
+    test = open_dataset(dataset, "test", kind="identity_images")
+    records = test.get_many(range(len(test)))
+    images = jnp.asarray(np.stack([r["image"] for r in records]).astype(np.float32) / 255.0)
+    truth = [r["identity"] for r in records]
+    identities = sorted(set(truth))
+    # The synthetic faces fill the frame: fixed landmarks at the 112 template map the 32x32 image onto the
+    # embedder's 32x32 crop unchanged.
+    reward = alignax.rewards.get("identity", embedder=result.output_dir, references=str(refs_root),
+                                 landmarks="fixed", points=face_align.ARCFACE_TEMPLATE_112.tolist(),
+                                 reference_size=(112, 112))
+    score = jax.jit(reward.apply)
+
+    def scores_against(identity: str) -> np.ndarray:
+        batch = reward_setup.prepare({reward.name: reward}, {"prompt": ["p"] * len(truth),
+                                                             "identity": np.array([identity] * len(truth))})
+        batch = {k: jnp.asarray(v) for k, v in batch.items() if np.asarray(v).dtype.kind not in "OUS"}
+        return np.asarray(score(reward.params, images, batch)[0])
+
+    table = np.stack([scores_against(i) for i in identities])               # [reference identity, image]
+    is_same = np.array(identities)[:, None] == np.array(truth)[None, :]
+    same, different = table[is_same], table[~is_same]
+    margin = float(same.mean() - different.mean())
+    top1 = float(np.mean(table.argmax(axis=0) == np.array([identities.index(t) for t in truth])))
+    print(f"\nidentity reward with the trained embedder: mean same-identity {same.mean():.3f}, mean different "
+          f"{different.mean():.3f}, margin {margin:.3f}; nearest reference is the right identity for "
+          f"{top1:.0%} of {len(truth)} held-out images")
+    assert np.all(np.isfinite(table)) and np.all(np.abs(table) <= 1 + 1e-5)
+    assert margin > 0.3, margin  # measured 0.471 (same 0.751, different 0.280)
+    assert top1 > 0.7, top1      # measured 83%; chance is 1/16
 
 
 class Killed(Exception):
@@ -230,3 +291,79 @@ def test_kill_and_resume_is_exact(tmp_path):
         rows = [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
         return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
     assert losses("straight") == losses("resumed") and len(losses("resumed")) == 6
+
+
+# ---- the run frame (alignax.training.small_loop): lock, SIGTERM, status.json, metrics, damaged checkpoints ------
+
+
+def micro_config(**overrides):
+    """The smallest run that exercises the loop: a one-stage IResNet on 8x8 images, 6 steps."""
+    return tiny_config(**{"total_steps": 6, "batch_size": 8, "eval_batch_size": 8, "eval_every": 0,
+                          "log_every": 1, "checkpoint_every": 2, "keep_checkpoints": 3, "data_parallel": False,
+                          "export_onnx": True, "model.layers": (1,), "model.widths": (8,), "model.stem_width": 4,
+                          "model.embedding_size": 8,
+                          "data.synthetic": dict(num_identities=4, images_per_identity=6, image_size=8,
+                                                 num_validation=2, num_test=2), **overrides})
+
+
+def test_a_second_run_on_the_workdir_is_refused_before_any_work(tmp_path):
+    with other_run_holds(tmp_path / "w"), pytest.raises(
+            ConfigError, match=r"another alignax run is using it \(pid 4242 on host elsewhere"):
+        train_id.run(micro_config(), tmp_path / "w")
+    assert not (tmp_path / "w" / "synthetic_identities").exists()  # refused before generating data
+    assert not (tmp_path / "w" / "status.json").exists()           # the holder's status is not overwritten
+
+
+def test_sigterm_before_the_first_step_stops_with_nothing_saved(tmp_path, clear_preemption):  # noqa: F811  (fixture)
+    from alignax.training import preemption
+
+    preemption.request()  # e.g. during the CLI's start-up
+    result = train_id.run(micro_config(), tmp_path / "w")
+    assert result.preempted and result.final_step == 0 and result.evals == []
+    assert status(tmp_path / "w") == {"state": "preempted", "step": 0, "total_steps": 6,
+                                      "reason": "SIGTERM while preparing the data, before the first step: nothing "
+                                                "saved"}
+    assert not (tmp_path / "w" / "checkpoints").exists()
+
+
+def test_sigterm_saves_and_stops_and_a_damaged_checkpoint_falls_back(tmp_path, clear_preemption):  # noqa: F811  (fixture)
+    """SIGTERM after step 3: step 3 checkpointed, status.json 'preempted', nothing exported, the lock released.
+    A rerun killed after step 5 (checkpoint 4): status 'failed'. Step 4 damaged: the next rerun falls back to 3,
+    cuts metrics.jsonl back to it and finishes; every step's train row appears once."""
+    from alignax.training import preemption
+
+    workdir = tmp_path / "w"
+    config = micro_config()
+    result = train_id.run(config, workdir, on_step=sigterm_at(3))
+    assert result.preempted and result.final_step == 3 and result.output_dir == ""
+    assert status(workdir) == {"state": "preempted", "step": 3, "total_steps": 6, "reason": "SIGTERM: saved step 3"}
+    assert checkpoint_steps(workdir) == [2, 3]
+    assert not (workdir / "export").exists()
+    with other_run_holds(workdir):  # an flock of our own succeeds: the run released the workdir
+        pass
+
+    preemption.clear()
+
+    def kill(done: int) -> None:
+        if done == 5:
+            raise Killed
+    with pytest.raises(Killed):
+        train_id.run(config, workdir, on_step=kill)
+    assert status(workdir)["state"] == "failed" and status(workdir)["step"] == 5
+    assert train_rows(workdir) == [1, 2, 3, 4, 5]
+
+    os.remove(workdir / "checkpoints" / "4" / "state" / "_METADATA")
+    result = train_id.run(config, workdir)
+    assert not result.preempted and result.final_step == 6
+    assert (workdir / "checkpoints" / "4.unreadable").is_dir()
+    assert status(workdir) == {"state": "finished", "step": 6, "total_steps": 6, "reason": ""}
+    assert train_rows(workdir) == [1, 2, 3, 4, 5, 6]
+
+    # config.export_onnx: the insightface-layout ONNX beside the safetensors export computes the same embedding.
+    import onnxruntime as ort
+
+    from alignax.models import iresnet
+    exported = iresnet.load_any(result.output_dir)
+    x = np.random.default_rng(0).uniform(-1, 1, (2, 3, 8, 8)).astype(np.float32)
+    session = ort.InferenceSession(str(workdir / "export" / train_id.ONNX_NAME), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(session.run(None, {"input.1": x})[0], np.asarray(exported(x)), rtol=1e-5, atol=1e-5)

@@ -27,6 +27,8 @@ from alignax.reward_model import loss as reward_training
 from alignax.reward_model import train as train_reward
 from experiments.configs import reward_model_tiny
 from tests.parity import max_rel_err
+from tests.run_frame import checkpoint_steps, other_run_holds, sigterm_at, status, train_rows
+from tests.run_frame import clear_preemption as clear_preemption  # noqa: F401  (fixture)
 
 REPO = Path(__file__).resolve().parents[2]
 OPENAI_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
@@ -202,3 +204,46 @@ def test_cli_runs_the_tiny_config(tmp_path):
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [line["step"] for line in lines if "eval/accuracy" in line] == [0, 2]
     assert load_transformers(tmp_path / "scorer").architecture.name == "clip"
+
+
+# ---- the run frame (alignax.training.small_loop): lock, SIGTERM, status.json, metrics, damaged checkpoints ------
+
+
+class Killed(Exception):
+    pass
+
+
+def test_a_second_run_on_the_workdir_is_refused_before_any_work(tmp_path):
+    with other_run_holds(tmp_path / "w"), pytest.raises(
+            ConfigError, match=r"another alignax run is using it \(pid 4242 on host elsewhere"):
+        train_reward.run(tiny_config(), tmp_path / "w")
+    assert not (tmp_path / "w" / "tiny_world").exists()   # refused before generating data
+    assert not (tmp_path / "w" / "status.json").exists()  # the holder's status is not overwritten
+
+
+def test_damaged_checkpoint_falls_back_and_sigterm_saves_and_stops(tmp_path, clear_preemption):  # noqa: F811  (fixture)
+    """A run killed after step 5 (checkpoints 2 and 4): status 'failed'. Step 4 damaged: the rerun falls back
+    to 2 (4 moved aside), cuts metrics.jsonl back to it, and a SIGTERM after step 3 saves 3 and stops with
+    status 'preempted', no scorer written and the workdir released; each step's train row appears once.
+    Same programs as the `trained` run (same config but cadences), so they compile once per session."""
+    workdir = tmp_path / "w"
+    config = tiny_config(checkpoint_every=2, keep_checkpoints=3, log_every=1)
+
+    def kill(done: int) -> None:
+        if done == 5:
+            raise Killed
+    with pytest.raises(Killed):
+        train_reward.run(config, workdir, on_step=kill)
+    assert status(workdir)["state"] == "failed" and status(workdir)["step"] == 5
+    assert checkpoint_steps(workdir) == [2, 4] and train_rows(workdir) == [1, 2, 3, 4, 5]
+
+    os.remove(workdir / "checkpoints" / "4" / "state" / "_METADATA")
+    result = train_reward.run(config, workdir, on_step=sigterm_at(3))
+    assert result.preempted and result.final_step == 3
+    assert (workdir / "checkpoints" / "4.unreadable").is_dir() and checkpoint_steps(workdir) == [2, 3]
+    assert status(workdir) == {"state": "preempted", "step": 3, "total_steps": TRAIN_STEPS,
+                               "reason": "SIGTERM: saved step 3"}
+    assert train_rows(workdir) == [1, 2, 3]
+    assert not (workdir / "scorer").exists()
+    with other_run_holds(workdir):  # an flock of our own succeeds: the run released the workdir
+        pass
