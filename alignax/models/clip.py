@@ -1,7 +1,8 @@
 """CLIP (transformers `model_type: "clip"`) in Flax: text and vision towers, projections, logit scale.
 
 CLIP is the backbone of PickScore, HPSv2 (loaded through `open_clip_format`) and the LAION
-aesthetic predictor. Submodules carry transformers' names (`vision_model.encoder.layers.3.
+aesthetic predictor; `CLIPTextModelWithProjection` (`model_type: "clip_text_model"`) is SD3's
+`text_encoder` / `text_encoder_2`. Submodules carry transformers' names (`vision_model.encoder.layers.3.
 self_attn.q_proj`, `pre_layrnorm` with its typo), so `torch_layout` maps each param to its
 torch key without a table. SigLIP reuses the encoder, the config reader and the output type.
 """
@@ -203,14 +204,19 @@ class Encoder(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    def __call__(self, x: jax.Array, mask: jax.Array | None = None,
+                 output_hidden_states: bool = False) -> jax.Array | tuple[jax.Array, tuple[jax.Array, ...]]:
+        """The last state; with `output_hidden_states`, also every layer's input and the last output
+        (transformers' `hidden_states`: num_hidden_layers + 1 entries, no final norm)."""
         if self.remat == "none":
             block = EncoderLayer
         else:
             block = nn.remat(EncoderLayer, policy=remat_lib.POLICIES[self.remat])
+        states = [x]
         for i in range(self.config.num_hidden_layers):
             x = block(self.config, dtype=self.dtype, param_dtype=self.param_dtype, name=f"layers.{i}")(x, mask)
-        return x
+            states.append(x)
+        return (x, tuple(states)) if output_hidden_states else x
 
 
 def embed(num: int, features: int, axes: tuple[str | None, str], name: str, dtype: Dtype | None,
@@ -278,7 +284,9 @@ class CLIPTextTransformer(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
+                 output_hidden_states: bool = False) -> tuple[jax.Array, ...]:
+        """(last_hidden_state, pooled), plus transformers' `hidden_states` tuple when asked."""
         cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
         x = TextEmbeddings(cfg.vocab_size, cfg.max_position_embeddings, cfg.hidden_size, name="embeddings",
                            **kw)(input_ids)
@@ -286,13 +294,14 @@ class CLIPTextTransformer(nn.Module):
         mask = jnp.tril(jnp.ones((length, length), bool))[None, None]
         if attention_mask is not None:
             mask = mask & attention_mask.astype(bool)[:, None, None, :]
-        x = Encoder(cfg, self.remat, name="encoder", **kw)(x, mask)
+        x, states = Encoder(cfg, self.remat, name="encoder", **kw)(x, mask, output_hidden_states=True)
         x = layers.LayerNorm(epsilon=cfg.layer_norm_eps, name="final_layer_norm", **kw)(x)
         if cfg.eos_token_id == LEGACY_EOS_TOKEN_ID:
             eos = jnp.argmax(input_ids, axis=-1)
-        else:
+        else:  # the first EOS: the pad token may be the EOS token too
             eos = jnp.argmax(input_ids == cfg.eos_token_id, axis=-1)
-        return x, jnp.take_along_axis(x, eos[:, None, None], axis=1)[:, 0]
+        pooled = jnp.take_along_axis(x, eos[:, None, None], axis=1)[:, 0]
+        return (x, pooled, states) if output_hidden_states else (x, pooled)
 
 
 class CLIPVisionTransformer(nn.Module):
@@ -361,3 +370,66 @@ def build(config: dict, *, compute_dtype: Dtype | None = None, remat: str = "non
 ARCHITECTURE = register(TRANSFORMERS, Architecture(
     name="clip", build=build, dummy_inputs=dummy_inputs, weights_stem="model",
     ignore_unexpected=(r"(text|vision)_model\.embeddings\.position_ids",)))
+
+
+# --- CLIPTextModelWithProjection (transformers `model_type: "clip_text_model"`) -------------------------
+# How SD3 pipelines store `text_encoder` (CLIP-L) and `text_encoder_2` (OpenCLIP bigG, saved by
+# diffusers in the same layout with gelu): `text_model.*` + `text_projection.weight`, a flat config.
+
+
+@dataclasses.dataclass(frozen=True)
+class CLIPTextModelConfig:
+    text: TextConfig
+    projection_dim: int
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> CLIPTextModelConfig:
+        """From transformers' CLIPTextConfig config.json (the text fields at the top level)."""
+        projection_dim = raw.get("projection_dim", 512)
+        if not isinstance(projection_dim, int) or isinstance(projection_dim, bool):
+            raise ValueError(f"projection_dim={projection_dim!r}: expected int")
+        return cls(text=read_section(TextConfig, raw, _TEXT_DEFAULTS, "config"), projection_dim=projection_dim)
+
+
+@flax.struct.dataclass
+class TextModelOutput:
+    """transformers' CLIPTextModelOutput. `hidden_states` has num_hidden_layers + 1 entries (embeddings,
+    then each layer's output, without the final norm): SD3 conditions on `hidden_states[-(clip_skip + 2)]`."""
+
+    text_embeds: jax.Array
+    last_hidden_state: jax.Array
+    hidden_states: tuple[jax.Array, ...]
+
+
+class CLIPTextModelWithProjection(nn.Module):
+    """The text tower and its projection; `text_embeds` is SD3's pooled CLIP vector. Under `jit`, the
+    hidden states nobody reads are dropped by XLA, so returning them all costs nothing."""
+
+    config: CLIPTextModelConfig
+    remat: str = "none"
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+
+    def setup(self) -> None:
+        cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        self.text_model = CLIPTextTransformer(cfg.text, self.remat, **kw)
+        self.text_projection = layers.Linear(cfg.projection_dim, kernel_axes=("embed", None), use_bias=False, **kw)
+
+    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None) -> TextModelOutput:
+        last, pooled, states = self.text_model(input_ids, attention_mask, output_hidden_states=True)
+        return TextModelOutput(text_embeds=self.text_projection(pooled), last_hidden_state=last, hidden_states=states)
+
+    def get_text_features(self, input_ids: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
+        """Projected text embedding [B, projection_dim]."""
+        return self.text_projection(self.text_model(input_ids, attention_mask)[1])
+
+
+def build_text_model(config: dict, *, compute_dtype: Dtype | None = None,
+                     remat: str = "none") -> CLIPTextModelWithProjection:
+    return CLIPTextModelWithProjection(CLIPTextModelConfig.from_dict(config), remat=remat_lib.check(remat),
+                                       dtype=compute_dtype)
+
+
+TEXT_MODEL_ARCHITECTURE = register(TRANSFORMERS, Architecture(
+    name="clip_text_model", build=build_text_model, dummy_inputs=lambda module: ((jnp.zeros((1, 1), jnp.int32),), {}),
+    weights_stem="model", ignore_unexpected=(r"text_model\.embeddings\.position_ids",)))
