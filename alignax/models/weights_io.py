@@ -197,14 +197,18 @@ def _umask() -> int:
 
 
 def _normal_permissions(directory: Path) -> None:
-    """chmod the tree to 0777 / 0666 (dirs / files) minus the umask."""
+    """chmod the tree to 0777 / 0666 (dirs / files) minus the umask. A file with other hard links
+    (`export --pipeline --hardlink` links the base pipeline's weights) keeps its mode: a chmod would
+    change the linked original too."""
     umask = _umask()
     os.chmod(directory, 0o777 & ~umask)
     for root, dirs, files in os.walk(directory):
         for name in dirs:
             os.chmod(os.path.join(root, name), 0o777 & ~umask)
         for name in files:
-            os.chmod(os.path.join(root, name), 0o666 & ~umask)
+            path = os.path.join(root, name)
+            if os.lstat(path).st_nlink == 1:
+                os.chmod(path, 0o666 & ~umask)
 
 
 def write_tensors(tensors: Mapping[str, np.ndarray], directory: Path, stem: str,
