@@ -16,6 +16,7 @@ import ml_collections
 
 from alignax import mesh as mesh_lib
 from alignax import objectives, pareto
+from alignax.conditioning import on_the_fly
 from alignax.errors import ConfigError
 from alignax.rewards import setup as reward_setup
 from alignax.schema import check_against
@@ -69,6 +70,11 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.data = ml_collections.ConfigDict(dict(path="", generate="", split="train", eval_split="eval", shuffle=True))
 
+    # Text conditioning: 'dataset' reads precomputed embeddings from the records; 'on_the_fly' encodes each
+    # batch's `prompt` inside the train step with the text encoders of the pipeline at config.model.pretrained
+    # (alignax/conditioning/on_the_fly.py). use_t5=False: zeros for the T5 part; max_sequence_length: T5 tokens.
+    c.text = ml_collections.ConfigDict(dict(encode="dataset", use_t5=True, max_sequence_length=256))
+
     c.optim = ml_collections.ConfigDict(dict(
         learning_rate=1e-4, warmup_steps=0, schedule="constant", end_lr_fraction=0.0,
         b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, grad_clip_norm=1.0, frozen=(), lr_mults=()))
@@ -83,9 +89,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.pareto = ml_collections.ConfigDict(dict(weights=None, scalarization="weighted_sum", normalization=None,
                                               ideal=None))
 
-    # negative_embeddings: an .npz of the encoded negative prompt (alignax/conditioning/negative_prompt.py).
+    # negative_embeddings: an .npz of the encoded negative prompt (alignax/conditioning/negative_prompt.py);
+    # negative_prompt: the text encoded at start-up instead, with config.text.encode='on_the_fly' and no .npz.
     c.sample = ml_collections.ConfigDict(dict(num_steps=10, shift=3.0, guidance_scale=1.0, num_images=4,
-                                              negative_embeddings=""))
+                                              negative_embeddings="", negative_prompt=""))
     return c
 
 
@@ -156,6 +163,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
                               f"{config.batch_size // config.grad_accum_steps}) does not divide over the "
                               f"{batch_shards} data×fsdp shards of config.mesh.shape={shape}")
     objectives.validate_config(config.objective, config)
+    on_the_fly.check_config(config)
     reward_setup.validate_config(config.rewards)
     if config.rewards or config.pareto.weights:  # the one check of config.pareto (RunSettings resolves it again)
         pareto.resolve_config(config.pareto, list(config.rewards.keys()))

@@ -87,6 +87,11 @@ def add_to_batch(batch: Mapping[str, np.ndarray], negatives: Mapping[str, np.nda
     out = dict(batch)
     if not negatives or FIELDS["encoder_hidden_states"] in batch:
         return out
+    if "encoder_hidden_states" not in batch:  # prompts encoded on the fly: the negative was encoded alike
+        rows = len(batch["prompt"])
+        for key, value in negatives.items():
+            out[key] = np.broadcast_to(value, (rows, *value.shape))
+        return out
     rows = len(batch["encoder_hidden_states"])
     length = np.shape(batch["encoder_hidden_states"])[1]
     negative_context = negatives[FIELDS["encoder_hidden_states"]]

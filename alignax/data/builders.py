@@ -28,7 +28,8 @@ def write_captioned_images(
 def write_prompts(
     out_dir: str | os.PathLike, examples: Mapping[str, Examples] | Examples, *, overwrite: bool = False
 ) -> str:
-    """Records: prompt str, encoder_hidden_states f32 [L,D], pooled_projections f32 [P]."""
+    """Records: prompt str, encoder_hidden_states f32 [L,D], pooled_projections f32 [P] (the two embeddings may be
+    left out: prompts only, for config.text.encode='on_the_fly')."""
     return write_dataset(out_dir, PROMPTS, examples, overwrite=overwrite)
 
 

@@ -68,26 +68,36 @@ def vae_downsample_factor(vae_config: Any) -> int | None:
     return factor
 
 
-def check_dataset(source: Source, objective: Any, transformer_config: Any, vae_config: Any = None) -> None:
+def check_dataset(source: Source, objective: Any, transformer_config: Any, vae_config: Any = None, *,
+                  encode_on_the_fly: bool = False) -> None:
     """DataError naming `source.path`, the field, and expected vs found, unless the dataset has every
     field `objective` reads and its embedding widths, latent channels and image sizes fit the model.
 
     `transformer_config` is the MM-DiT config (an `MMDiTConfig` or a diffusers config dict);
     `vae_config` the VAE's (images are checked against its downsampling when given). Image fields
-    may vary per record; the first record stands for them.
+    may vary per record; the first record stands for them. `encode_on_the_fly`
+    (config.text.encode='on_the_fly'): the run encodes `prompt` itself, so the text conditioning fields
+    are not needed, the `prompt` field is.
     """
     vae_factor = vae_downsample_factor(vae_config)
     where = f"dataset {source.path} (kind {source.kind!r}, split {source.split!r})"
-    missing = [f for f in required_fields(objective) if f not in source.features]
+    needed = required_fields(objective)
+    if encode_on_the_fly:
+        needed = (*(f for f in needed if f not in CONDITIONING), *(("prompt",) if "prompt" not in needed else ()))
+    missing = [f for f in needed if f not in source.features]
     if missing:
+        hint = (" (or, for a prompts-only dataset, set config.text.encode='on_the_fly' with config.model.pretrained "
+                "a pipeline that has its text encoders)"
+                if not encode_on_the_fly and set(missing) <= set(CONDITIONING) and "prompt" in source.features
+                else "")
         raise DataError(f"{where}: the objective trains on {objective.data!r} records and needs fields {missing}, "
                         f"which this dataset lacks (it has {sorted(source.features)}); point config.data.path at a "
-                        f"{objective.data!r} dataset")
+                        f"{objective.data!r} dataset{hint}")
     shape = _Shapes(source)
     widths = {"encoder_hidden_states": "joint_attention_dim", "pooled_projections": "pooled_projection_dim"}
     for key, attr in widths.items():
         want = _get(transformer_config, attr)
-        if key in source.features and want is not None and shape(key)[-1:] != (want,):
+        if key in source.features and want is not None and not encode_on_the_fly and shape(key)[-1:] != (want,):
             raise DataError(f"{where}: field {key!r} has shape {list(shape(key))}, but the transformer's {attr}={want}"
                             f" needs a last dimension of {want}; re-encode the prompts with the model's text encoders")
     patch = int(_get(transformer_config, "patch_size") or 1)

@@ -120,9 +120,13 @@ CAPTIONED_IMAGES = RecordSchema(
 
 PROMPTS = RecordSchema(
     name="prompts",
-    required={"prompt": _PROMPT, "encoder_hidden_states": _HIDDEN, "pooled_projections": _POOLED},
-    optional={"identity": Field(STRING, doc="the identity the sample should show (the `identity` reward's key)")},
-    doc="Prompts with text conditioning, for on-policy reward training (no images).",
+    required={"prompt": _PROMPT},
+    # Optional: a prompts-only dataset is trained on with config.text.encode='on_the_fly'; otherwise
+    # alignax.data.check refuses it, naming the missing fields (every objective reads the conditioning).
+    optional={"encoder_hidden_states": _HIDDEN, "pooled_projections": _POOLED,
+              "identity": Field(STRING, doc="the identity the sample should show (the `identity` reward's key)")},
+    doc="Prompts with text conditioning (or prompts alone, encoded on the fly), for on-policy reward training "
+        "(no images).",
 )
 
 PREFERENCE_PAIRS = RecordSchema(

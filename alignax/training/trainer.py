@@ -28,7 +28,7 @@ from alignax import config as config_lib
 from alignax import fs, objectives, sampling
 from alignax import mesh as mesh_lib
 from alignax import rng as rng_lib
-from alignax.conditioning import negative_prompt
+from alignax.conditioning import negative_prompt, on_the_fly
 from alignax.errors import AlignaxError
 from alignax.models import setup as model_setup
 from alignax.rewards import setup as reward_setup
@@ -96,7 +96,11 @@ class Trainer:
         rewards = reward_setup.build(config.rewards)
         lora_spec = lora.LoraSpec.for_run(config.lora)
         scale, shift = model_setup.vae_scaling(vae_module)
-        self.negatives = negative_prompt.for_run(config.sample, transformer.config)  # checked before compiling
+        # config.text.encode='on_the_fly': the pipeline's text encoders, sharded on the mesh (else None).
+        self.text = on_the_fly.OnTheFly.for_run(config, mesh=self.mesh, rules=self.rules)
+        if self.text is not None:
+            self.text.check_widths(transformer.config)
+        self.negatives = on_the_fly.negatives_for_run(config.sample, transformer.config, self.text)  # before compiling
         self.models = objectives.Models(transformer, vae_module, scale, shift, lora=lora_spec, rewards=rewards)
         self.objective = objectives.build(config.objective, self.models, objectives.RunSettings.from_config(config))
 
@@ -122,6 +126,8 @@ class Trainer:
             reward_params = getattr(reward, "params", {}) or {}
             frozen["rewards"][name] = reward_params
             specs["rewards"][name] = reward.logical_specs() if reward_params else {}
+        if self.text is not None:  # placed by their logical specs when loaded
+            frozen["text_encoders"], specs["text_encoders"] = self.text.params(), self.text.logical_specs()
         if self.models.lora is not None:
             frozen["transformer_base"], specs["transformer_base"] = base, base_specs
         elif self.objective.needs_reference:
@@ -232,6 +238,8 @@ class Trainer:
 
     def train_step(self, state: PyTree, frozen: PyTree, batch: dict) -> tuple[PyTree, dict]:
         step = state["step"]
+        if self.text is not None:  # token ids → encoder_hidden_states / pooled_projections, no grads
+            batch = self.text.encode(frozen["text_encoders"], batch)
         rng = rng_lib.step_key(jax.random.wrap_key_data(state["rng"]), step)
         loss, metrics, objective_state, grads = self._loss_and_grads(state["trainable"], frozen, state["objective"],
                                                                      batch, rng)
@@ -285,7 +293,8 @@ class Trainer:
         from alignax.data import setup as data_setup
         path = data_setup.dataset_path(self.config.data, self.objective.data)
         source = data.open_dataset(path, split or self.config.data.split)
-        check.check_dataset(source, self.objective, self.models.transformer.config, self.models.vae.config)
+        check.check_dataset(source, self.objective, self.models.transformer.config, self.models.vae.config,
+                            encode_on_the_fly=self.text is not None)
         reward_setup.check_fields(self.models.rewards, source.features, f"dataset {source.path}")
         return data.Loader(source, global_batch_size=self.config.batch_size, seed=self.config.seed,
                            process_index=jax.process_index(), process_count=jax.process_count(),
@@ -295,6 +304,8 @@ class Trainer:
         """This process's rows → one global array per field, sharded over (data, fsdp). Strings stay
         home; rewards first turn the prompts into the token ids they need."""
         host_batch = reward_setup.prepare(self.models.rewards, host_batch)
+        if self.text is not None:  # prompts → fixed-length token ids, encoded inside the step
+            host_batch = self.text.tokenize(host_batch)
         host_batch = negative_prompt.guided(host_batch, self.negatives, self.config.sample.guidance_scale)
         out = {}
         for key, value in host_batch.items():
@@ -569,8 +580,11 @@ class Trainer:
     def write_samples(self, state: PyTree, writer, step: int) -> None:
         loader = self.make_loader(self.config.data.eval_split)
         batch = loader.batch_at(0)
-        count = min(self.config.sample.num_images, len(batch["encoder_hidden_states"]))
-        conditioning = {k: batch[k][:count] for k in ("encoder_hidden_states", "pooled_projections")}
+        count = min(self.config.sample.num_images, len(batch["prompt" if self.text else "encoder_hidden_states"]))
+        if self.text is not None:
+            conditioning = self.text.encode_prompts([str(p) for p in batch["prompt"][:count]])
+        else:
+            conditioning = {k: batch[k][:count] for k in ("encoder_hidden_states", "pooled_projections")}
         conditioning = negative_prompt.guided(conditioning, self.negatives, self.config.sample.guidance_scale)
         conditioning = {k: jnp.asarray(v) for k, v in conditioning.items()}
         trainable = state["ema"] if self.config.ema.enabled else state["trainable"]

@@ -84,9 +84,10 @@ def test_corrupt_metadata_and_shards_name_the_path(tmp_path):
 
 
 def test_foreign_tfds_dataset_with_wrong_features_is_refused(tmp_path):
+    # captioned_images: its text embeddings are required (a prompts dataset's are optional: on-the-fly encoding)
     builder_dir = _foreign_tfds_dataset(
         tmp_path / "tfds",
-        "prompts",
+        "captioned_images",
         {"prompt": tfds.features.Text(), "pooled_projections": tfds.features.Tensor(shape=(4,), dtype=np.int32)},
         {"prompt": "x", "pooled_projections": np.arange(4, dtype=np.int32)},
     )
