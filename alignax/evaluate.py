@@ -4,8 +4,11 @@ Scores one checkpoint with every reward the run configured, on fixed prompts (th
 the eval split of the run's prompts dataset) and fixed seeds, so evaluations of different runs
 and steps are comparable point for point: the Pareto report (alignax/pareto/report.py) puts
 one JSON per run on the front. Noise for seed s is `normal(key(s), latent_shape(K))` with
-the run's `config.sample` settings, the same images the trainer's sample grids show.
-Single-host, on one device.
+the run's `config.sample` settings, the same images the trainer's sample grids show. Each
+reward gets its mean, std and a bootstrap 95% interval of the mean over prompts (fixed seed).
+A study (alignax/study/evaluation.py) scores every point with the study's rewards instead of
+the run's (`load(rewards_config=...)`, held-out judges included) and the base model as the
+run's initial transformer (`load(initial=True)`). Single-host, on one device.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import numpy as np
 
 from alignax import data, fs, objectives, sampling, saved_run
 from alignax import mesh as mesh_lib
-from alignax.conditioning import negative_prompt
+from alignax.conditioning import negative_prompt, on_the_fly
 from alignax.data import setup as data_setup
 from alignax.errors import ConfigError, DataError
 from alignax.models import setup as model_setup
@@ -47,21 +50,31 @@ class Checkpoint:
     mesh: Any
 
 
-def load(workdir: str | Path, *, step: int | None = None, ema: bool = False) -> Checkpoint:
+def load(workdir: str | Path, *, step: int | None = None, ema: bool = False,
+         rewards_config: ml_collections.ConfigDict | None = None, initial: bool = False) -> Checkpoint:
     """The checkpoint at `step` (default: latest), with LoRA merged into its base and the VAE rebuilt.
-    Only reads `workdir` (see `alignax.saved_run`)."""
+    Only reads `workdir` (see `alignax.saved_run`).
+
+    `rewards_config` replaces the run's `config.rewards` (a study scores every point with the same
+    rewards, held-out judges included); `initial=True` takes the run's *initial* transformer (the
+    pretrained weights or the seed's random init, as the trainer made them): the base model a
+    study compares every point with."""
     run = saved_run.load(workdir, step)
     step, config = run.step, run.config
     if ema and not config.ema.enabled:
         raise ConfigError(f"--ema: the run in {workdir} has config.ema.enabled=False, so it saved no EMA")
     trainable = run.state["ema"] if ema else run.state["trainable"]
     t_src, transformer, v_src, vae_module = model_setup.build_modules(config.model)
-    rewards = reward_setup.build(config.rewards)
+    if rewards_config is not None:
+        reward_setup.validate_config(rewards_config)
+    rewards = reward_setup.build(config.rewards if rewards_config is None else rewards_config)
     scale, shift = model_setup.vae_scaling(vae_module)
     models = objectives.Models(transformer, vae_module, scale, shift, rewards=rewards)
     mesh = saved_run.one_device_mesh()
     params = trainable["transformer"]
-    if config.lora.enabled:
+    if initial:
+        params, step = saved_run.lora_base(config, t_src, transformer), 0
+    elif config.lora.enabled:
         from alignax.training import lora
         params = lora.merge(saved_run.lora_base(config, t_src, transformer), params,
                             lora.LoraSpec.from_config(config.lora))
@@ -71,32 +84,59 @@ def load(workdir: str | Path, *, step: int | None = None, ema: bool = False) -> 
 
 
 def eval_prompts(config: ml_collections.ConfigDict, num_prompts: int) -> dict[str, Any]:
-    """The first `num_prompts` records of the eval split of the run's prompts dataset."""
+    """The first `num_prompts` records of the eval split of the run's prompts dataset; with
+    config.text.encode='on_the_fly' their prompts encoded by the pipeline's text encoders (and the negative
+    prompt, per row, when guidance uses it), as the trainer does."""
+    text = on_the_fly.for_evaluation(config)
     path = data_setup.dataset_path(config.data, "prompts")
     source = data.open_dataset(path, config.data.eval_split)
-    missing = [f for f in ("prompt", *CONDITIONING) if f not in source.features]
+    missing = [f for f in ("prompt", *(() if text else CONDITIONING)) if f not in source.features]
     if missing:
         raise DataError(f"dataset {source.path}: evaluation needs fields {missing} (text conditioning); "
                         f"it has {sorted(source.features)}")
     count = min(num_prompts, len(source))
     batch = data.stack_records(source.get_many(range(count)), where=source.path)
-    return {"prompt": [str(p) for p in batch["prompt"]], **{k: np.asarray(batch[k]) for k in CONDITIONING},
+    prompts = [str(p) for p in batch["prompt"]]
+    if text is None:
+        conditioning = {k: np.asarray(batch[k]) for k in CONDITIONING}
+    else:
+        conditioning = text.encode_prompts(prompts)
+        negatives = on_the_fly.negatives_for_run(config.sample, _transformer_config(config), text)
+        conditioning = negative_prompt.guided(conditioning, negatives, config.sample.guidance_scale)
+    return {"prompt": prompts, **conditioning,
             **{k: [str(v) for v in batch[k]] for k in HOST_FIELDS if k in batch}}
 
 
-def generate(ckpt: Checkpoint, prompts: dict[str, Any], seed: int, batch_size: int | None = None) -> np.ndarray:
-    """Images NHWC in [0, 1], one per prompt, from the noise of `seed` (independent of `batch_size`)."""
+def _transformer_config(config: ml_collections.ConfigDict) -> Any:
+    """The MM-DiT config (its widths check a negative-prompt .npz)."""
+    return model_setup.build_modules(config.model)[1].config
+
+
+def make_sampler(ckpt: Checkpoint) -> Any:
+    """The jitted `(params, frozen, noise, batch) -> images` of the run's sample settings; build it once
+    and pass it to every `generate` call on `ckpt` (each new closure is traced and compiled again)."""
     models, cfg = ckpt.models, ckpt.config.sample
-    count = len(prompts["prompt"])
-    noise = jax.random.normal(jax.random.key(seed), models.latent_shape(count))
-    negatives = negative_prompt.for_run(cfg, models.transformer.config)
-    conditioning = negative_prompt.guided({k: prompts[k] for k in CONDITIONING}, negatives, cfg.guidance_scale)
 
     @jax.jit
     def sample(params, frozen, noise, batch):
         return sampling.generate_images(models, params, frozen, batch, noise, num_steps=cfg.num_steps,
                                         shift=cfg.shift, guidance_scale=cfg.guidance_scale)
 
+    return sample
+
+
+def generate(ckpt: Checkpoint, prompts: dict[str, Any], seed: int, batch_size: int | None = None, *,
+             sampler: Any = None) -> np.ndarray:
+    """Images NHWC in [0, 1], one per prompt, from the noise of `seed` (independent of `batch_size`);
+    `sampler`: `make_sampler(ckpt)`, reused across calls."""
+    models, cfg = ckpt.models, ckpt.config.sample
+    count = len(prompts["prompt"])
+    noise = jax.random.normal(jax.random.key(seed), models.latent_shape(count))
+    own = [k for k in negative_prompt.FIELDS.values() if k in prompts]  # encoded on the fly by eval_prompts
+    negatives = None if own else negative_prompt.for_run(cfg, models.transformer.config)
+    conditioning = negative_prompt.guided({k: prompts[k] for k in (*CONDITIONING, *own)}, negatives,
+                                          cfg.guidance_scale)
+    sample = sampler or make_sampler(ckpt)
     batch_size = batch_size or count
     chunks = []
     with mesh_lib.use_mesh(ckpt.mesh):
@@ -125,6 +165,80 @@ def _weights(config: ml_collections.ConfigDict) -> Any:
     return weights.to_dict() if hasattr(weights, "to_dict") else weights
 
 
+BOOTSTRAP = dict(resamples=2000, seed=0, confidence=0.95)  # fixed: intervals are reproducible
+
+
+def bootstrap_interval(per_prompt: np.ndarray, *, resamples: int = BOOTSTRAP["resamples"],
+                       seed: int = BOOTSTRAP["seed"], confidence: float = BOOTSTRAP["confidence"]) -> list[float]:
+    """Percentile-bootstrap interval of the mean over prompts ([lo, hi]).
+
+    The resampling unit is the prompt (its score averaged over the seeds): prompts are the
+    population an evaluation generalises over. The generator's seed is fixed, so the same
+    scores always give the same interval; one prompt gives a zero-width interval."""
+    values = np.asarray(per_prompt, np.float64).reshape(-1)
+    if values.size == 0 or not 0 < confidence < 1:
+        raise ConfigError(f"bootstrap_interval: need >= 1 value and 0 < confidence < 1, found {values.size} values "
+                          f"and confidence={confidence}")
+    rows = np.random.default_rng(seed).integers(0, values.size, size=(resamples, values.size))
+    means = values[rows].mean(axis=1)
+    tail = (1.0 - confidence) / 2.0 * 100.0
+    low, high = np.percentile(means, [tail, 100.0 - tail])
+    return [float(low), float(high)]
+
+
+def evaluate_checkpoint(ckpt: Checkpoint, *, num_prompts: int = 8, seeds: tuple[int, ...] = (0,),
+                        batch_size: int | None = None, sampler: Any = None) -> tuple[dict, np.ndarray]:
+    """Samples, decodes and scores `ckpt` with its rewards; returns the evaluation (the JSON body
+    without the run's name/workdir) and the images [seeds, prompts, H, W, 3] the scores are of.
+    `sampler`: a `make_sampler` of a checkpoint with the same model and sample settings, so that
+    evaluating many points compiles the sampler once."""
+    if num_prompts < 1 or not seeds:
+        raise ConfigError(f"--num_prompts={num_prompts} --seeds={list(seeds)}: need at least one prompt and one seed")
+    prompts = eval_prompts(ckpt.config, num_prompts)
+    per_seed = {name: [] for name in ckpt.models.rewards}  # name -> [seed][prompt]
+    all_images, sampler = [], sampler or make_sampler(ckpt)
+    for seed in seeds:
+        images = generate(ckpt, prompts, seed, batch_size, sampler=sampler)
+        all_images.append(images)
+        fields = {k: prompts[k] for k in HOST_FIELDS if k in prompts}
+        for name, scores in score(ckpt, images, prompts["prompt"], fields).items():
+            per_seed[name].append(scores)
+    table = {name: np.stack(rows) for name, rows in per_seed.items()}  # [seeds, prompts]
+    result = {
+        "step": ckpt.step,
+        "seeds": [int(s) for s in seeds],
+        "num_prompts": len(prompts["prompt"]),
+        "objective": ckpt.config.objective.name,
+        "weights": _weights(ckpt.config),
+        "rewards": {name: float(t.mean()) for name, t in table.items()},
+        "rewards_std": {name: float(t.std()) for name, t in table.items()},
+        "rewards_ci": {name: bootstrap_interval(t.mean(axis=0)) for name, t in table.items()},
+        "bootstrap": {**BOOTSTRAP, "unit": "prompt"},
+        "per_prompt": [
+            {"index": i, "prompt": prompt,
+             "rewards": {name: float(t[:, i].mean()) for name, t in table.items()},
+             "per_seed": {name: [float(v) for v in t[:, i]] for name, t in table.items()}}
+            for i, prompt in enumerate(prompts["prompt"])],
+    }
+    return result, np.stack(all_images)
+
+
+def write_grid(path: str | Path, images: np.ndarray) -> str:
+    """PNG of images [seeds, prompts, H, W, 3]: one row per seed, one column per prompt, so grids of
+    different points evaluated on the same prompts and seeds compare cell for cell."""
+    import io
+
+    from PIL import Image
+
+    from alignax.training.metrics import image_grid
+    seeds, prompts = images.shape[:2]
+    grid = image_grid(np.asarray(images, np.float32).reshape(seeds * prompts, *images.shape[2:]), columns=prompts)
+    buffer = io.BytesIO()
+    Image.fromarray(grid).save(buffer, format="PNG")
+    fs.write_bytes_atomic(path, buffer.getvalue())
+    return fs.absolute(path)
+
+
 def evaluate(workdir: str | Path, *, step: int | None = None, ema: bool = False, num_prompts: int = 8,
              seeds: tuple[int, ...] = (0,), batch_size: int | None = None, out: str | Path | None = None) -> dict:
     """Samples, decodes and scores; writes the JSON to `out` (default DIR/eval_step_N.json) and returns it."""
@@ -134,31 +248,9 @@ def evaluate(workdir: str | Path, *, step: int | None = None, ema: bool = False,
     if not ckpt.models.rewards:
         raise ConfigError(f"--workdir={workdir}: the run configures no rewards (config.rewards is empty); "
                           "there is nothing to score")
-    prompts = eval_prompts(ckpt.config, num_prompts)
-    per_seed = {name: [] for name in ckpt.models.rewards}  # name -> [seed][prompt]
-    for seed in seeds:
-        images = generate(ckpt, prompts, seed, batch_size)
-        fields = {k: prompts[k] for k in HOST_FIELDS if k in prompts}
-        for name, scores in score(ckpt, images, prompts["prompt"], fields).items():
-            per_seed[name].append(scores)
-    table = {name: np.stack(rows) for name, rows in per_seed.items()}  # [seeds, prompts]
-    result = {
-        "run": posixpath.basename(fs.absolute(workdir).rstrip("/")),
-        "workdir": fs.absolute(workdir),
-        "step": ckpt.step,
-        "ema": ema,
-        "seeds": [int(s) for s in seeds],
-        "num_prompts": len(prompts["prompt"]),
-        "objective": ckpt.config.objective.name,
-        "weights": _weights(ckpt.config),
-        "rewards": {name: float(t.mean()) for name, t in table.items()},
-        "rewards_std": {name: float(t.std()) for name, t in table.items()},
-        "per_prompt": [
-            {"index": i, "prompt": prompt,
-             "rewards": {name: float(t[:, i].mean()) for name, t in table.items()},
-             "per_seed": {name: [float(v) for v in t[:, i]] for name, t in table.items()}}
-            for i, prompt in enumerate(prompts["prompt"])],
-    }
+    body, _ = evaluate_checkpoint(ckpt, num_prompts=num_prompts, seeds=seeds, batch_size=batch_size)
+    result = {"run": posixpath.basename(fs.absolute(workdir).rstrip("/")), "workdir": fs.absolute(workdir),
+              "step": body.pop("step"), "ema": ema, **body}
     out = output_path(workdir, ckpt.step, ema, out)
     fs.write_text_atomic(out, json.dumps(result, indent=2) + "\n")  # local, gs:// or memory://
     logging.info("evaluated step %d of %s: %s → %s", ckpt.step, workdir, result["rewards"], out)

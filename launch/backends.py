@@ -24,11 +24,15 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 @dataclasses.dataclass(frozen=True)
 class Run:
-    """One resolved run: its name, flat {dotted config key: value} overrides and its workdir."""
+    """One resolved run: its name, flat {dotted config key: value} overrides and its workdir; `config`
+    (when set) replaces the launch's config file for this run (a study mixes config files), and `module`
+    is the entry point that runs it (a study's base point writes its initial checkpoint instead)."""
 
     name: str
     overrides: dict[str, Any]
     workdir: str
+    config: str = ""
+    module: str = "alignax.train"
 
 
 def flag_value(value: Any) -> str:
@@ -46,8 +50,13 @@ def override_flags(overrides: dict[str, Any]) -> list[str]:
 
 
 def train_argv(config: str, run: Run, python: str = "python") -> list[str]:
-    return [python, "-m", "alignax.train", f"--config={config}", *override_flags(run.overrides),
+    """`config` is the already resolved config of the run (the caller applies `run.config or config`)."""
+    return [python, "-m", run.module, f"--config={config}", *override_flags(run.overrides),
             f"--workdir={run.workdir}"]
+
+
+# Called as on_event(run name, 'started' | 'ended', exit code or None) by `execute`: a study's progress display.
+RunEvent = Callable[[str, str, int | None], None]
 
 
 class LocalBackend:
@@ -74,12 +83,13 @@ class LocalBackend:
         return str(Path(path).absolute()) + sep + arg  # children run from the repo root
 
     def argv(self, config: str, run: Run) -> list[str]:
-        return train_argv(self.config_path(config), run, python=sys.executable)
+        return train_argv(self.config_path(run.config or config), run, python=sys.executable)
 
     def command(self, config: str, run: Run) -> str:
         return shlex.join(self.argv(config, run))
 
-    def execute(self, config: str, runs: Sequence[Run], log: Callable[[str], None] = print) -> dict[str, int]:
+    def execute(self, config: str, runs: Sequence[Run], log: Callable[[str], None] = print,
+                on_event: RunEvent | None = None) -> dict[str, int]:
         """Runs everything; returns {run name: exit code}."""
         pending, active, codes = list(runs), {}, {}
         while pending or active:
@@ -90,6 +100,8 @@ class LocalBackend:
                 process = subprocess.Popen(self.argv(config, run), stdout=log_file, stderr=subprocess.STDOUT,
                                            cwd=REPO_ROOT)
                 active[run.name] = (process, log_file, time.monotonic())
+                if on_event is not None:
+                    on_event(run.name, "started", None)
                 log(f"[{run.name}] started (pid {process.pid}), log {Path(run.workdir) / 'train.log'}")
             for name, (process, log_file, started) in list(active.items()):
                 if process.poll() is not None:
@@ -98,6 +110,8 @@ class LocalBackend:
                     del active[name]
                     status = "ok" if process.returncode == 0 else f"FAILED (exit {process.returncode})"
                     log(f"[{name}] {status} after {time.monotonic() - started:.1f}s")
+                    if on_event is not None:
+                        on_event(name, "ended", process.returncode)
             time.sleep(0.2)
         return codes
 
@@ -123,7 +137,7 @@ class TpuVmBackend:
 
     def remote_command(self, config: str, run: Run) -> str:
         repo = self.repo_dir if self.repo_dir.startswith("~") else shlex.quote(self.repo_dir)  # let ~ expand
-        return f"cd {repo} && {shlex.join(train_argv(config, run, python=self.python))}"
+        return f"cd {repo} && {shlex.join(train_argv(run.config or config, run, python=self.python))}"
 
     def argv(self, config: str, run: Run) -> list[str]:
         argv = ["gcloud", "compute", "tpus", "tpu-vm", "ssh", self.tpu_name, f"--zone={self.zone}"]
@@ -134,12 +148,17 @@ class TpuVmBackend:
     def command(self, config: str, run: Run) -> str:
         return shlex.join(self.argv(config, run))
 
-    def execute(self, config: str, runs: Sequence[Run], log: Callable[[str], None] = print) -> dict[str, int]:
+    def execute(self, config: str, runs: Sequence[Run], log: Callable[[str], None] = print,
+                on_event: RunEvent | None = None) -> dict[str, int]:
         codes = {}
         for run in runs:
             log(f"[{run.name}] {self.command(config, run)}")
+            if on_event is not None:
+                on_event(run.name, "started", None)
             codes[run.name] = subprocess.run(self.argv(config, run), check=False).returncode
             log(f"[{run.name}] exit {codes[run.name]}")
+            if on_event is not None:
+                on_event(run.name, "ended", codes[run.name])
         return codes
 
 

@@ -103,6 +103,7 @@ def parse_config(config: str, run: backends.Run) -> ml_collections.ConfigDict:
     from absl import flags
     from ml_collections import config_flags
 
+    config = run.config or config  # a study's run names its own config file
     argv = ["alignax.train", f"--config={config}", *backends.override_flags(run.overrides)]
     flag_values = flags.FlagValues()
     holder = config_flags.DEFINE_config_file("config", None, "", flag_values=flag_values, lock_config=True,

@@ -26,6 +26,15 @@ gradient is cut are not penalised: they would add cost and no gradient.
 
 Objective state = the normalisation state of `multi_reward_loss` (running statistics and
 the running Chebyshev ideal), so it is checkpointed and a resume continues it exactly.
+
+`config.pareto.scalarization='mgda'` (`alignax/pareto/gradient_balance.py`): the update is MGDA's
+min-norm combination of the per-reward gradients, steered by the weights. The trajectory is sampled,
+decoded and scored once (`jax.vjp` keeps its residuals: per-step latents under remat), then k VJPs run
+through the same residuals, one per reward, each a full backward through rewards, decoder and the
+differentiable sampler steps (recomputing the remat'ed steps); the drift penalty's gradient is one more
+VJP when `kl_weight` > 0. So a step costs 1 forward + k backwards (weighted sum: 1 + 1), holds k
+gradient trees, and the trainer's own backward through this loss is free (a custom VJP hands it the
+combined gradient).
 """
 
 from __future__ import annotations
@@ -45,6 +54,7 @@ from alignax.errors import ConfigError
 from alignax.models import remat as remat_lib
 from alignax.objectives import base, register
 from alignax.objectives import trajectory as traj
+from alignax.pareto import gradient_balance
 from alignax.rewards import base as reward_base
 
 DEFAULTS = dict(mode="full", k=1, k_max=1, lv_n=2, refl_range=(), kl_weight=0.0, remat="full")
@@ -208,7 +218,8 @@ def build(cfg: ml_collections.ConfigDict, models: base.Models, run: base.RunSett
     names = list(models.rewards)
     use_reference = cfg.kl_weight > 0
 
-    def loss(trainable, frozen, state, batch, rng):
+    def forward(trainable, frozen, state, batch, rng):
+        """(reward loss, drift, metrics without 'loss', new state): everything up to the scalar loss."""
         noise_rng, mode_rng = jax.random.split(rng)
         params = models.transformer_params(trainable, frozen)
         ref = models.reference_params(trainable, frozen) if use_reference else None
@@ -224,13 +235,35 @@ def build(cfg: ml_collections.ConfigDict, models: base.Models, run: base.RunSett
             reward_info.update(reward_base.info_metrics(name, extra))
         per_sample, info, new_state = pareto.multi_reward_loss(raw, state, **pareto_kwargs)
         reward_loss = jnp.mean(per_sample)
-        drift = jnp.mean(out.drift_sum) / out.live_calls
-        value = reward_loss + cfg.kl_weight * drift if use_reference else reward_loss
-        metrics = {**reward_info, **info, **out.metrics, "loss": value, "reward_loss": reward_loss,
+        drift = jnp.mean(out.drift_sum) / out.live_calls if use_reference else jnp.zeros((), jnp.float32)
+        metrics = {**reward_info, **info, **out.metrics, "reward_loss": reward_loss,
                    "reward/mean": jnp.mean(jnp.stack([jnp.mean(raw[n]) for n in names]))}
         if use_reference:
             metrics["kl_drift"] = drift
-        return value, (metrics, new_state)
+        return reward_loss, drift, metrics, new_state
+
+    def loss(trainable, frozen, state, batch, rng):
+        reward_loss, drift, metrics, new_state = forward(trainable, frozen, state, batch, rng)
+        value = reward_loss + cfg.kl_weight * drift if use_reference else reward_loss
+        return value, ({**metrics, "loss": value}, new_state)
+
+    if pareto_kwargs["scalarization"] in gradient_balance.METHODS:
+        weights = pareto_kwargs["weights"]
+
+        def parts(trainable, frozen, state, batch, rng):
+            # Per-reward losses = −batch mean of each normalised reward (multi_reward_loss logs them).
+            _, drift, metrics, new_state = forward(trainable, frozen, state, batch, rng)
+            losses = jnp.stack([-metrics[f"reward/{n}/normalized"] for n in weights])
+            return (losses, drift), (metrics, new_state)
+
+        balanced = gradient_balance.balanced_loss(parts, list(weights), list(weights.values()),
+                                                  cfg.kl_weight if use_reference else 0.0)
+
+        def balanced_loss(trainable, frozen, state, batch, rng):
+            value, (metrics, new_state) = balanced(trainable, frozen, state, batch, rng)
+            return value, ({**metrics, "loss": value}, new_state)
+
+        loss = balanced_loss
 
     return base.Objective(loss=loss, data="prompts", needs_reference=use_reference,
                           init_state=lambda trainable, frozen: pareto.init_state(names))

@@ -92,6 +92,45 @@ def hypervolume(points: np.ndarray, reference: np.ndarray, maximize: bool = True
     return _hv_min(p, ref)
 
 
+def hypervolume_monte_carlo(points: np.ndarray, reference: np.ndarray, *, samples: int = 200_000, seed: int = 0,
+                            maximize: bool = True) -> tuple[float, float]:
+    """(estimate, standard error) of the hypervolume by uniform sampling of the box between the
+    reference and the points' best values: the fallback when exact slicing (O(N^(M−1))) is too slow
+    for many points in many dimensions. The error is the binomial standard error of the hit
+    fraction times the box volume, so a report can state it; the seed is fixed."""
+    p = _as_points(points)
+    ref = np.asarray(reference, dtype=np.float64).reshape(-1)
+    if ref.shape[0] != p.shape[1] or not np.all(np.isfinite(ref)):
+        raise DataError(f"reference: expected {p.shape[1]} finite values (one per reward), found {reference!r}")
+    if not maximize:
+        p, ref = -p, -ref
+    p = p[np.all(p > ref, axis=1)]
+    if len(p) == 0:
+        return 0.0, 0.0
+    p = p[non_dominated(p)]
+    top = p.max(axis=0)
+    box = float(np.prod(top - ref))
+    rng = np.random.default_rng(seed)
+    hits = 0
+    for start in range(0, samples, 50_000):  # chunks bound the [chunk, N, M] comparison's memory
+        x = rng.uniform(ref, top, size=(min(50_000, samples - start), len(ref)))
+        hits += int(np.any(np.all(x[:, None, :] <= p[None, :, :], axis=-1), axis=1).sum())
+    fraction = hits / samples
+    return box * fraction, box * float(np.sqrt(fraction * (1.0 - fraction) / samples))
+
+
+def hypervolume_auto(points: np.ndarray, reference: np.ndarray, *, max_work: float = 2e6,
+                     maximize: bool = True) -> tuple[float, float, str]:
+    """(value, error, method): exact slicing when its cost N^(M−1) is at most `max_work` (always for
+    M ≤ 3 and for the tens of points of a study up to M ≈ 5), else Monte Carlo with its standard error."""
+    p = _as_points(points)
+    front = p[non_dominated(p, maximize=maximize)] if len(p) else p
+    if p.shape[1] <= 3 or float(len(front)) ** (p.shape[1] - 1) <= max_work:
+        return hypervolume(p, reference, maximize=maximize), 0.0, "exact"
+    value, error = hypervolume_monte_carlo(p, reference, maximize=maximize)
+    return value, error, "monte_carlo"
+
+
 def weight_grid(num_rewards: int, num_points: int) -> np.ndarray:
     """Simplex-lattice weight vectors for a sweep, shape (K, num_rewards), each row summing to 1.
 

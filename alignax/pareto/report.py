@@ -93,6 +93,15 @@ def latest_per_run(evaluations: list[Evaluation]) -> list[Evaluation]:
     return sorted(latest.values(), key=lambda e: e.run)
 
 
+def default_reference(points: np.ndarray, margin: float = 0.1) -> np.ndarray:
+    """Each reward's worst score minus `margin` × its spread (or × max(|worst|, 1) when all scores are
+    equal), so every point adds volume; shared by this report and the study report."""
+    points = np.asarray(points, np.float64)
+    low, high = points.min(axis=0), points.max(axis=0)
+    spread = np.where(high > low, high - low, np.maximum(np.abs(low), 1.0))
+    return low - margin * spread
+
+
 def build(evaluations: list[Evaluation], reference: Sequence[float] | None = None, margin: float = 0.1) -> Report:
     if not evaluations:
         raise DataError("no evaluation JSONs matched --evals")
@@ -103,9 +112,7 @@ def build(evaluations: list[Evaluation], reference: Sequence[float] | None = Non
                             "a front compares runs scored with the same rewards")
     points = np.asarray([[e.rewards[n] for n in names] for e in evaluations], np.float64)
     if reference is None:
-        low, high = points.min(axis=0), points.max(axis=0)
-        spread = np.where(high > low, high - low, np.maximum(np.abs(low), 1.0))
-        reference = low - margin * spread
+        reference = default_reference(points, margin)
     reference = np.asarray(reference, np.float64)
     if reference.shape != (len(names),):
         raise DataError(f"--reference={list(reference)}: expected {len(names)} values, one per reward {names}")

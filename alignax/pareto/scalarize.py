@@ -6,6 +6,9 @@
 - `chebyshev`:    loss = max_i w_i·(z*_i − r_i), the weighted distance to the ideal point z*
   along the worst reward. Unlike the weighted sum, it can reach points on non-convex parts of
   the Pareto front. ∂loss/∂r_i = −w_i for the reward attaining the max and 0 for the others.
+- `mgda`:         gradient-balanced (`gradient_balance.py`): the update is MGDA's min-norm combination of
+  the per-reward gradients, steered by w, so no weighted reward's gradient opposes it. Its value here is
+  the weighted sum; `reward_backprop` computes the balanced gradient (one backward per reward).
 
 Weights are used as given, not renormalised. z* is in the units of the normalised rewards.
 It is either configured (`config.pareto.ideal = {name: value}`) or running: the running
@@ -54,7 +57,11 @@ def _chebyshev(rewards: jax.Array, weights: jax.Array, names: Sequence[str],
     return loss, info
 
 
-SCALARIZATIONS: dict[str, Scalarization] = {"weighted_sum": _weighted_sum, "chebyshev": _chebyshev}
+# `mgda` balances the per-reward *gradients* (alignax/pareto/gradient_balance.py; reward_backprop takes that
+# path). In value space, where this function is all there is, it is the weighted sum: the logged
+# `pareto/objective`, and the loss of any objective that does not differentiate rewards one by one.
+SCALARIZATIONS: dict[str, Scalarization] = {"weighted_sum": _weighted_sum, "chebyshev": _chebyshev,
+                                            "mgda": _weighted_sum}
 
 
 def scalarize(normalized: Mapping[str, jax.Array], weights: Mapping[str, float], method: str,

@@ -10,7 +10,8 @@ no image maximises both, so the weight vector picks a point on the trade-off.
 
 Options (comma-separated): a mode (full, draft_k, random_k, draft_lv, refl); `kl` adds the drift
 penalty against the start model; `lora` trains LoRA adapters; `running` normalises each reward
-by running statistics; `chebyshev` scalarises with the running ideal point.
+by running statistics; `chebyshev` scalarises with the running ideal point; `mgda` balances the two
+rewards' gradients (MGDA's min-norm combination steered by the weights; one backward per reward).
 """
 
 import ml_collections
@@ -19,7 +20,7 @@ from alignax.errors import ConfigError
 from alignax.objectives import reward_backprop
 from experiments.configs import common
 
-FLAGS = ("kl", "lora", "running", "chebyshev")
+FLAGS = ("kl", "lora", "running", "chebyshev", "mgda")
 
 
 def get_config(arg: str = ""):
@@ -46,6 +47,10 @@ def get_config(arg: str = ""):
     if "running" in options:
         c.pareto.normalization = ml_collections.ConfigDict(dict(red=dict(method="running", momentum=0.9),
                                                                 blue=dict(method="running", momentum=0.9)))
+    if "chebyshev" in options and "mgda" in options:
+        raise ConfigError(f"reward_backprop_tiny.py:{arg}: options chebyshev and mgda are two scalarisations; give one")
     if "chebyshev" in options:
         c.pareto.scalarization = "chebyshev"
+    if "mgda" in options:
+        c.pareto.scalarization = "mgda"
     return c

@@ -81,3 +81,40 @@ def test_weight_grid_is_the_simplex_lattice(num_rewards, num_points):
         assert len(np.unique(grid, axis=0)) == len(grid)
     else:
         np.testing.assert_allclose(grid, np.full((1, num_rewards), 1.0 / num_rewards))
+
+
+def _cells_on_grid(points, reference, step):
+    """Brute force on a lattice of spacing `step`: the volume of the cells inside some box [reference, p]."""
+    cells = np.round((points - reference) / step).astype(int)
+    corners = np.indices(cells.max(axis=0)).reshape(points.shape[1], -1).T  # every cell's lower corner
+    inside = np.any(np.all(corners[:, None, :] < cells[None, :, :], axis=-1), axis=1)
+    return int(inside.sum()) * step ** points.shape[1]
+
+
+@pytest.mark.parametrize("num_objectives, seed", [(4, 10), (4, 11), (5, 12)])
+def test_hypervolume_four_and_more_rewards_matches_grid_counting(num_objectives, seed):
+    """k >= 4 (the study report's exact path): half-unit points with a non-zero reference, some of them
+    dominated, duplicated or outside the reference."""
+    rng = np.random.default_rng(seed)
+    points = rng.integers(0, 9, size=(12, num_objectives)) / 2.0 - 1.0
+    points = np.vstack([points, points[:2]])  # duplicates
+    reference = np.full(num_objectives, -1.0)
+    inside = points[np.all(points > reference, axis=1)]
+    assert len(inside) < len(points)  # the reference does cut points off
+    expected = _cells_on_grid(inside, reference, 0.5)
+    assert expected > 0
+    assert hypervolume(points, reference) == pytest.approx(expected, rel=1e-12)
+
+
+def test_hypervolume_monte_carlo_and_auto():
+    from alignax.pareto.front import hypervolume_auto, hypervolume_monte_carlo
+    points = np.random.default_rng(5).integers(0, 6, size=(9, 4)).astype(float)
+    exact = hypervolume(points, np.zeros(4))
+    value, error = hypervolume_monte_carlo(points, np.zeros(4), samples=100_000, seed=1)
+    assert 0 < error < 0.02 * exact
+    assert abs(value - exact) < 4 * error  # the stated error is the real one
+    assert hypervolume_monte_carlo(points, np.zeros(4), samples=100_000, seed=1) == (value, error)  # fixed seed
+    assert hypervolume_auto(points, np.zeros(4)) == (exact, 0.0, "exact")  # a small front: exact
+    mc = hypervolume_auto(points, np.zeros(4), max_work=1.0)
+    assert mc[2] == "monte_carlo" and abs(mc[0] - exact) < 4 * mc[1]
+    assert hypervolume_monte_carlo(points, np.full(4, 10.0)) == (0.0, 0.0)  # nothing beats the reference

@@ -1,0 +1,252 @@
+"""The study report on a hand-made study root (fronts, hypervolumes, equal cost, the hacking flag, the
+numbers of index.html and summary.md against eval.json, self-containment), the bootstrap interval, and
+the evaluation of a tiny trained run with a held-out judge the run never configured."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import re
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from alignax.errors import ConfigError, DataError
+from alignax.evaluate import bootstrap_interval
+from alignax.study import report as study_report
+
+# name: (objective, weights, trained rewards, {reward: mean}, flops, state)
+POINTS = {
+    "base": ("base", {}, [], {"red": 0.5, "blue": 0.5, "green": 0.5}, 0.0, "finished"),
+    "rb-a": ("reward_backprop", {"red": 1.0, "blue": 0.0}, ["red"], {"red": 0.9, "blue": 0.3, "green": 0.2}, 100.0,
+             "finished"),  # beats the base on red, loses on the judge green: flagged
+    "rb-b": ("reward_backprop", {"red": 0.5, "blue": 0.5}, ["blue", "red"], {"red": 0.7, "blue": 0.7, "green": 0.6},
+             200.0, "finished"),
+    "dpo-a": ("dpo", {}, [], {"red": 0.6, "blue": 0.8, "green": 0.5}, 50.0, "finished"),
+    "dpo-b": ("dpo", {}, [], {"red": 0.4, "blue": 0.4, "green": 0.4}, 300.0, "finished"),  # dominated
+}
+LOG_TAIL = "Traceback (most recent call last):\nValueError: boom <in a tag>"
+
+
+def _png(color: tuple[int, int, int]) -> bytes:
+    from PIL import Image
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 4), color).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def make_root(root: Path, points: dict = POINTS, judges: tuple[str, ...] = ("green",)) -> dict[str, dict]:
+    """A study root as the runner and evaluate_points leave it: study.json, eval.json and grid.png per point."""
+    records, evals = [], {}
+    for i, (name, (objective, weights, trained, means, flops, state)) in enumerate(points.items()):
+        records.append(dict(name=name, arm=name.split("-")[0], objective=objective, base=name == "base",
+                            weights=weights, workdir=str(root / name), state=state, log_tail=None))
+        ci = {r: [m - 0.0123456789 * (i + 1), m + 0.0234567891 * (i + 1)] for r, m in means.items()}
+        evals[name] = dict(run=name, point=name, objective=objective, step=0 if name == "base" else 10,
+                           seeds=[0, 1], num_prompts=2, weights=weights, rewards=means,
+                           rewards_std={r: 0.01 for r in means}, rewards_ci=ci, trained_rewards=trained,
+                           judges=list(judges), grid="grid.png",
+                           cost=dict(steps=0 if name == "base" else 10, examples=80, train_seconds=1.5 * (i + 1),
+                                     flops=flops, reward_fwd_bwd=0))
+        (root / name).mkdir(parents=True)
+        (root / name / "eval.json").write_text(json.dumps(evals[name]))
+        (root / name / "grid.png").write_bytes(_png((40 * i, 100, 200)))
+    records.append(dict(name="sft-x", arm="sft", objective="sft", base=False, weights={}, workdir=str(root / "sft-x"),
+                        state="failed", log_tail=LOG_TAIL))
+    (root / "study.json").write_text(json.dumps(dict(judges=list(judges), points=records)))
+    return evals
+
+
+def test_fronts_hypervolumes_equal_cost_and_flags(tmp_path):
+    make_root(tmp_path)
+    built = study_report.build(str(tmp_path))
+    assert built.front_rewards == ["blue", "red"] and built.judges == ["green"]
+    assert built.rewards == ["blue", "red", "green"]
+    by_name = {p.name: p for p in built.points}
+    assert {n for n, p in by_name.items() if p.on_front} == {"rb-a", "rb-b", "dpo-a"}  # base and dpo-b dominated
+    np.testing.assert_allclose(built.reference, [0.25, 0.35])  # min − 0.1·spread (blue, red)
+    # Slabs of red above 0.35: 0.2·(0.3−0.25) + 0.1·(0.7−0.25) + 0.25·(0.8−0.25).
+    assert built.hypervolume == pytest.approx(0.01 + 0.045 + 0.1375) and built.hypervolume_method == "exact"
+    objectives = {o.name: o for o in built.objectives}
+    assert sorted(objectives) == ["dpo", "reward_backprop"]  # the base is not an objective
+    assert objectives["reward_backprop"].hypervolume == pytest.approx(0.01 + 0.35 * 0.45)
+    assert objectives["dpo"].hypervolume == pytest.approx(0.25 * 0.55)
+    assert objectives["reward_backprop"].joint_share == pytest.approx(2 / 3)
+    assert objectives["dpo"].joint_share == pytest.approx(1 / 3)
+    assert built.cost_key == "flops" and built.budget == 200.0  # min(max rb 200, max dpo 300)
+    assert objectives["dpo"].points_at_budget == 1  # dpo-b (300 FLOPs) is over the budget
+    assert objectives["dpo"].hypervolume_at_budget == pytest.approx(0.25 * 0.55)
+    assert by_name["rb-a"].hacking == ["green"]
+    assert by_name["rb-b"].hacking == [] and by_name["dpo-a"].hacking == []  # rb-b gains on green too
+    assert [p.name for p in built.failed] == ["sft-x"]
+
+
+def _md_rows(text: str) -> dict[str, list[str]]:
+    section = text.split("## Points")[1].split("## Objectives")[0]
+    rows = [line for line in section.splitlines() if line.startswith("| ")][1:]
+    return {cells[0]: cells for cells in ([c.strip() for c in row.strip("|").split("|")] for row in rows)}
+
+
+def _html_rows(text: str) -> dict[str, list[str]]:
+    table = text.split("<h2>Points</h2>")[1].split("</table>")[0]
+    rows = {}
+    for row in re.findall(r"<tr[^>]*>(.*?)</tr>", table)[1:]:
+        cells = re.findall(r"<td[^>]*>(.*?)</td>", row)
+        rows[cells[0]] = cells
+    return rows
+
+
+def _numbers(cell: str) -> list[float]:
+    return [float(v) for v in re.findall(r"-?\d+(?:\.\d+)?(?:e[-+]?\d+)?", cell)]
+
+
+def test_report_numbers_equal_eval_json_and_html_is_self_contained(tmp_path):
+    evals = make_root(tmp_path)
+    index = study_report.write_report(str(tmp_path))
+    assert index == tmp_path / "report" / "index.html"
+    page, summary = index.read_text(), (tmp_path / "report" / "summary.md").read_text()
+    rewards = ["blue", "red", "green"]  # the column order: trained rewards, then judges
+    for rows in (_md_rows(summary), _html_rows(page)):
+        assert set(rows) == {*POINTS, "sft-x"}
+        for name, ev in evals.items():
+            for column, reward in enumerate(rewards, start=3):
+                mean, low, high = _numbers(rows[name][column])
+                assert mean == pytest.approx(ev["rewards"][reward], rel=5e-6)
+                assert [low, high] == pytest.approx(ev["rewards_ci"][reward], rel=5e-6)
+        assert "possible reward hacking: loses on green" in rows["rb-a"][-1]
+        assert all("hacking" not in cells[-1] for name, cells in rows.items() if name != "rb-a")
+    assert "ValueError: boom &lt;in a tag&gt;" in page and "ValueError: boom <in a tag>" in summary
+    assert "0.1925 (exact)" in page and "0.1925 (exact)" in summary  # the joint hypervolume
+    # Self-contained: every image is a data URI; nothing is fetched.
+    sources = re.findall(r"""src\s*=\s*["']([^"']*)""", page)
+    assert sources and all(s.startswith("data:image/png;base64,") for s in sources)
+    assert not re.search(r"<(script|link|iframe)|href=|url\(|https?://", page)
+    # The base's and every front point's grid are embedded; the dominated dpo-b's is not.
+    for name, shown in (("base", True), ("rb-a", True), ("rb-b", True), ("dpo-a", True), ("dpo-b", False)):
+        encoded = base64.b64encode((tmp_path / name / "grid.png").read_bytes()).decode()
+        assert (encoded in page) == shown, name
+    # 3 plots (fronts per objective; parallel coordinates, as judges make 3 rewards; reward vs cost) + 4 grids
+    assert page.count("<figure>") == 3 + 4 and "Fronts per objective" in page and "Pairwise" not in page
+
+
+def test_three_front_rewards_draw_pairwise_and_parallel_plots(tmp_path):
+    points = {name: (o, w, ["blue", "red", "green"] if o == "reward_backprop" else t, m, f, s)
+              for name, (o, w, t, m, f, s) in POINTS.items()}
+    make_root(tmp_path, points, judges=())
+    built = study_report.build(str(tmp_path))
+    assert built.front_rewards == ["blue", "green", "red"] and built.judges == []
+    assert all(not p.hacking for p in built.points)  # no judges, no flag
+    page = study_report.write_report(str(tmp_path)).read_text()
+    assert "Pairwise reward panels" in page and "Parallel coordinates" in page and "Fronts per objective" not in page
+
+
+def test_report_refuses_points_scored_with_different_rewards(tmp_path):
+    make_root(tmp_path)
+    ev = json.loads((tmp_path / "dpo-b" / "eval.json").read_text())
+    del ev["rewards"]["green"]
+    (tmp_path / "dpo-b" / "eval.json").write_text(json.dumps(ev))
+    with pytest.raises(DataError, match="dpo-b.*differ"):
+        study_report.build(str(tmp_path))
+
+
+def test_report_warns_about_points_scored_on_other_seeds(tmp_path):
+    make_root(tmp_path)
+    assert study_report.build(str(tmp_path)).warnings == []
+    ev = json.loads((tmp_path / "rb-b" / "eval.json").read_text())
+    ev["seeds"] = [0]
+    (tmp_path / "rb-b" / "eval.json").write_text(json.dumps(ev))
+    assert study_report.build(str(tmp_path)).warnings == [
+        "rb-b was scored on other prompts or seeds than base; its row does not compare"]
+
+
+def test_bootstrap_interval_is_fixed_and_sane():
+    values = np.random.default_rng(0).normal(3.0, 2.0, size=400)
+    low, high = bootstrap_interval(values)
+    assert bootstrap_interval(values) == [low, high]  # fixed seed: reproducible
+    assert low < values.mean() < high
+    half = 1.96 * values.std() / np.sqrt(len(values))  # the normal-theory 95% half-width
+    assert (high - low) / 2 == pytest.approx(half, rel=0.1)
+    low4, high4 = bootstrap_interval(values[:100])
+    assert (high4 - low4) / (high - low) == pytest.approx(2.0, rel=0.2)  # ∝ 1/√n
+    assert bootstrap_interval([1.5]) == [1.5, 1.5]
+    assert bootstrap_interval([2.0, 2.0, 2.0]) == [2.0, 2.0]
+    with pytest.raises(ConfigError, match="confidence"):
+        bootstrap_interval(values, confidence=1.0)
+
+
+# ---- evaluation of a tiny trained run, with a held-out judge ------------------------------------
+
+@pytest.fixture(scope="module")
+def trained_workdir(tmp_path_factory):
+    """sft on the tiny world, 2 steps, one device; its config knows only the red reward."""
+    from alignax.data import build_tiny_world
+    from alignax.data import setup as data_setup
+    from alignax.training.trainer import Trainer
+    from tests.training.conftest import tiny_config
+
+    tmp = tmp_path_factory.mktemp("study_eval")
+    config = tiny_config(total_steps=2, **{"checkpoint_every": 2})
+    build_tiny_world(tmp / "world", num_train=16, num_eval=4, **data_setup.tiny_world_sizes(config))
+    config.data.path = str(tmp / "world")
+    config.rewards.red = dict(kind="channel_mean", channel=0)
+    config.pareto.weights = dict(red=1.0)
+    config.sample.num_steps = 2  # the evaluation's sampler: the fewer steps, the less to compile
+    import jax
+
+    from alignax import mesh as mesh_lib
+    mesh = mesh_lib.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+    trainer = Trainer(config, tmp / "run", mesh=mesh, async_checkpoints=False)
+    try:
+        assert trainer.run().final_step == 2
+    finally:
+        trainer.close()
+    return tmp
+
+
+@pytest.mark.slow  # ~80 CPU-seconds: compiling the train step (~45) and the sampler
+def test_evaluate_points_scores_with_a_held_out_judge_and_skips_up_to_date(trained_workdir):
+    from PIL import Image
+
+    from alignax.study import evaluation
+
+    root = trained_workdir / "study"
+    study = types.SimpleNamespace(
+        rewards={"red": dict(kind="channel_mean", channel=0), "green": dict(kind="channel_mean", channel=1)},
+        judges=["green"], eval=dict(num_prompts=2, seeds=[0, 1]))
+    trained = types.SimpleNamespace(name="sft-a", arm="sft", objective="sft", weights={"red": 1.0},
+                                    state="finished", workdir=str(trained_workdir / "run"))
+    base = types.SimpleNamespace(name="base", arm="base", objective="", weights={}, state="finished",
+                                 workdir=str(root / "base"), base=True)  # no checkpoint: recreated from sft-a
+    failed = types.SimpleNamespace(name="x", arm="x", objective="sft", weights={}, state="failed", workdir="/nowhere")
+    evaluation.evaluate_points(study, [trained, base, failed], str(root))
+    assert not (root / "x").exists()
+    point, start = (json.loads((root / n / "eval.json").read_text()) for n in ("sft-a", "base"))
+    for ev in (point, start):
+        assert sorted(ev["rewards"]) == ["green", "red"] and ev["judges"] == ["green"]  # the judge is scored
+        assert ev["seeds"] == [0, 1] and ev["num_prompts"] == 2
+        for name in ("green", "red"):
+            low, high = ev["rewards_ci"][name]
+            assert low <= np.mean([p["rewards"][name] for p in ev["per_prompt"]]) <= high
+        # grid.png: a row per seed, a column per prompt; its cells' channel means are the scores (to 8 bits).
+        grid = np.asarray(Image.open(io.BytesIO((root / ev["run"] / "grid.png").read_bytes())), np.float64) / 255
+        cells = grid.reshape(2, grid.shape[0] // 2, 2, grid.shape[1] // 2, 3).mean(axis=(1, 3))  # [seed, prompt, c]
+        for channel, name in ((0, "red"), (1, "green")):
+            scores = np.asarray([p["per_seed"][name] for p in ev["per_prompt"]]).T
+            np.testing.assert_allclose(cells[..., channel], scores, atol=1 / 255)
+    assert point["step"] == 2 and point["trained_rewards"] == ["red"] and point["objective"] == "sft"
+    assert point["cost"]["steps"] == 2 and point["cost"]["examples"] == 16 and point["cost"]["train_seconds"] > 0
+    assert point["cost"]["flops"] == pytest.approx(2 * point["cost"]["flops_per_step"])
+    assert start["step"] == 0 and start["objective"] == "base" and start["base_from"].endswith("run")
+    assert start["cost"]["steps"] == 0 and start["trained_rewards"] == []
+    assert point["rewards"] != start["rewards"]  # two steps of training moved the images
+    # Up to date: a second call rewrites nothing.
+    stamps = {n: (root / n / "eval.json").stat().st_mtime_ns for n in ("sft-a", "base")}
+    evaluation.evaluate_points(study, [trained, base], str(root))
+    assert stamps == {n: (root / n / "eval.json").stat().st_mtime_ns for n in ("sft-a", "base")}
+    # An unknown judge kind is refused before any checkpoint is opened.
+    bad = types.SimpleNamespace(**{**vars(study), "rewards": {**study.rewards, "judge": dict(kind="nope")}})
+    with pytest.raises(ConfigError, match="config.rewards.judge"):
+        evaluation.evaluate_points(bad, [trained], str(root))
