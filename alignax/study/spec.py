@@ -170,7 +170,7 @@ def load_study(spec: str) -> Study:
         raise ConfigError(f"{where}: 'arms' must be a non-empty list of arms, found {arms_raw!r}")
     arms, seen = [], set()
     for index, arm_raw in enumerate(arms_raw):
-        arm = _arm(_plain(arm_raw), index, where, rewards, tuple(judges))
+        arm = _arm(_plain(arm_raw), index, where, rewards, tuple(judges), path)
         if arm.name in seen:
             raise ConfigError(f"{where}: arm name {arm.name!r} is used twice")
         seen.add(arm.name)
@@ -183,22 +183,31 @@ def load_study(spec: str) -> Study:
         if not isinstance(base_raw, Mapping) or set(base_raw) - {"config", "overrides"} or "config" not in base_raw:
             raise ConfigError(f"{where}: 'base' must be {{config: 'experiments/configs/X.py[:ARG]', overrides: "
                               f"{{...}}}}, found {base_raw!r}")
-        base = Arm(BASE, _config_file(base_raw["config"], f"{where}: base.config"),
+        base = Arm(BASE, _config_file(base_raw["config"], f"{where}: base.config", path),
                    _overrides(base_raw.get("overrides"), f"{where}: base.overrides"))
     name = Path(path).stem + (f"-{arg}" if arg else "")
     return Study(spec, name, rewards, tuple(judges), ml_collections.ConfigDict(eval_cfg),
                  _overrides(raw.get("overrides"), f"{where}: overrides"), base, tuple(arms))
 
 
-def _config_file(config: Any, where: str) -> str:
+def _config_file(config: Any, where: str, study_file: str) -> str:
+    """The absolute `path[:arg]` of an arm's config: relative paths are tried against the current
+    directory, then the study file's directory and its ancestors (the repo root for a study in
+    experiments/studies/), so a study runs from any directory."""
     if not isinstance(config, str) or not config:
         raise ConfigError(f"{where}={config!r}: expected 'experiments/configs/X.py[:ARG]'")
-    if not Path(config.partition(":")[0]).is_file():
-        raise ConfigError(f"{where}={config!r}: no file {config.partition(':')[0]}")
-    return config
+    path, sep, arg = config.partition(":")
+    study_dir = Path(study_file).absolute().parent
+    for anchor in (Path.cwd(), study_dir, *study_dir.parents):
+        candidate = anchor / path
+        if candidate.is_file():
+            return str(candidate.resolve()) + sep + arg
+    raise ConfigError(f"{where}={config!r}: no file {path} (relative to the current directory {Path.cwd()}, "
+                      f"or to {study_dir} and its parent directories)")
 
 
-def _arm(raw: Any, index: int, where: str, rewards: Mapping[str, Any], judges: tuple[str, ...]) -> Arm:
+def _arm(raw: Any, index: int, where: str, rewards: Mapping[str, Any], judges: tuple[str, ...],
+         study_file: str) -> Arm:
     if not isinstance(raw, Mapping):
         raise ConfigError(f"{where}: arm {index} must be a dict with {list(ARM_FIELDS)}, found {raw!r}")
     name = raw.get("name")
@@ -211,7 +220,7 @@ def _arm(raw: Any, index: int, where: str, rewards: Mapping[str, Any], judges: t
     unknown = sorted(set(raw) - set(ARM_FIELDS))
     if unknown:
         raise ConfigError(f"{here}: unknown fields {unknown}; an arm has {list(ARM_FIELDS)}")
-    config = _config_file(raw.get("config"), f"{here}: config")
+    config = _config_file(raw.get("config"), f"{here}: config", study_file)
     overrides = _overrides(raw.get("overrides"), f"{here}: overrides")
     taken = [k for k in overrides if k == "pareto.weights" or k.startswith("pareto.weights.")]
     weights = raw.get("weights")

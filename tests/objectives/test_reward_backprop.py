@@ -336,6 +336,8 @@ def trainer_for(tmp_path, world_root, name, mesh_shape=(1, 1, 1), arg="random_k,
     return Trainer(c, tmp_path / name, mesh=mesh, async_checkpoints=False)
 
 
+# slow: ~4 min of CPU on 8 fake devices; exact sharded resume is also covered by dpo, feature_align and the trainer's tests
+@pytest.mark.slow
 def test_sharded_kill_and_resume_is_exact_with_running_normalisation(tmp_path, tiny_world):  # noqa: F811
     """On the (2,2,2) mesh: 4 straight steps == 2 steps, a new process-like Trainer, 2 more; the
     running reward statistics (objective state) included, bit-exact."""
@@ -408,6 +410,8 @@ def sft_pretrained(tmp_path_factory, tiny_world):  # noqa: F811
     return root
 
 
+# slow: trains an SFT base and two reward runs (~5 min of CPU); the tiny study (tests/study) shows the steering too
+@pytest.mark.slow
 def test_weight_vectors_steer_the_trade_off_end_to_end(tmp_path, tiny_world, sft_pretrained):  # noqa: F811
     """From the SFT-pre-trained model, red share against blue share (a real conflict: no image maximises
     both): weights (1, 0) and (0, 1) each raise their own reward on held-out seeds more than the other

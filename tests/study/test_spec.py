@@ -59,11 +59,22 @@ def test_tiny_study_resolves_to_stable_readable_points():
     assert (first.pareto.weights.red, first.pareto.weights.blue, first.objective.mode) == (1.0, 0.0, "full")
     assert configs["reward_backprop-draft_k__w-0-1"].objective.mode == "draft_k"
     base = points[0]
-    assert base.base and base.run.module == spec.BASE_MODULE and base.run.config == RB
+    assert base.base and base.run.module == spec.BASE_MODULE and base.run.config == str(REPO / RB)
     assert points[1].run.module == "alignax.train"
     # An arm's overrides are part of its points' names: changing them makes new points, not a silent resume.
     arm = spec.Arm("rb", RB, {"optim.learning_rate": 0.0003})
     assert spec.point_name(arm, (0.75, 0.25)) == "rb__optim.learning_rate=0.0003__w-0.75-0.25"
+
+
+def test_arm_configs_resolve_from_any_directory(tmp_path, monkeypatch):
+    """A user runs an installed `alignax-study --study=/abs/experiments/studies/tiny.py` from elsewhere: the
+    arms' `experiments/configs/...` paths resolve against the study file's ancestors (the repo root)."""
+    monkeypatch.chdir(tmp_path)
+    study = spec.load_study(TINY)
+    assert all(Path(arm.config.partition(":")[0]).is_absolute() for arm in study.arms)
+    assert study.arms[1].config == str(REPO / RB) + ":draft_k"
+    with pytest.raises(ConfigError, match=r"arm 'x': config='nowhere/x.py': no file nowhere/x.py \(relative to"):
+        spec.load_study(write_study(tmp_path, [{"name": "x", "config": "nowhere/x.py"}]))
 
 
 def test_weight_grids():

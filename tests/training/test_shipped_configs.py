@@ -57,6 +57,8 @@ def test_sd35_config_names_the_missing_weights_before_compiling(tmp_path):
         Trainer(config, tmp_path / "run")
 
 
+# slow: compiles the SD3.5 layout's train step (~2 min of CPU); its parity is covered in tests/models
+@pytest.mark.slow
 def test_sd35_runlocal_trains(tmp_path, tiny_world):  # noqa: F811
     from experiments.configs import sd35_reward_backprop
     config = sd35_reward_backprop.get_config("runlocal")
