@@ -336,7 +336,7 @@ def trainer_for(tmp_path, world_root, name, mesh_shape=(1, 1, 1), arg="random_k,
     return Trainer(c, tmp_path / name, mesh=mesh, async_checkpoints=False)
 
 
-# slow: ~4 min of CPU on 8 fake devices; exact sharded resume is also covered by dpo, feature_align and the trainer's tests
+# slow: ~4 min of CPU on 8 fake devices; exact sharded resume is also covered by dpo, feature_align, trainer tests
 @pytest.mark.slow
 def test_sharded_kill_and_resume_is_exact_with_running_normalisation(tmp_path, tiny_world):  # noqa: F811
     """On the (2,2,2) mesh: 4 straight steps == 2 steps, a new process-like Trainer, 2 more; the
