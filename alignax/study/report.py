@@ -28,6 +28,7 @@ import numpy as np
 
 from alignax import fs
 from alignax.errors import DataError
+from alignax.evaluate import bootstrap_interval
 from alignax.pareto.front import hypervolume_auto, non_dominated
 from alignax.pareto.report import default_reference
 from alignax.study.evaluation import BASE, EVAL_JSON, evaluate_points  # noqa: F401 (the runner's entry point)
@@ -167,15 +168,32 @@ def _matrix(points: list[Point], names: list[str]) -> np.ndarray:
     return np.asarray([[p.mean(n) for n in names] for p in points], np.float64).reshape(len(points), len(names))
 
 
+def paired_change(point: Point, base: Point, reward: str) -> int:
+    """+1 / -1 when `point` scores significantly above / below the base on `reward`, else 0.
+
+    Both were scored on the same prompts and noise seeds, so the comparison is paired: the 95%
+    bootstrap interval (over prompts) of the per-prompt differences must exclude 0. Without
+    per-prompt scores (an eval.json from elsewhere), the sign of the difference of the means."""
+    def scores(p: Point) -> dict[str, float]:
+        return {row.get("prompt", row.get("index")): float(row["rewards"][reward])
+                for row in p.eval.get("per_prompt") or () if reward in row.get("rewards", {})}
+    mine, theirs = scores(point), scores(base)
+    if mine and mine.keys() == theirs.keys():
+        low, high = bootstrap_interval(np.asarray([mine[k] - theirs[k] for k in mine]))
+        return 1 if low > 0 else -1 if high < 0 else 0
+    return int(np.sign(point.mean(reward) - base.mean(reward)))
+
+
 def possible_hacking(point: Point, base: Point, judges: list[str]) -> list[str]:
-    """The judges `point` scores below the base on, when it beats the base on every reward it trains
-    on (else []): its gain on the training rewards did not carry over to the held-out ones."""
+    """The judges `point` scores significantly below the base on, when it scores significantly above
+    the base on every reward it trains on (else []): its gain did not carry over to the held-out
+    rewards. Significance is paired over prompts (`paired_change`), so noise does not raise flags."""
     trained = [r for r in (point.eval.get("trained_rewards") or []) if r in point.eval["rewards"]]
     if point.is_base or not trained or not judges:
         return []
-    if not all(point.mean(r) > base.mean(r) for r in trained):
+    if not all(paired_change(point, base, r) > 0 for r in trained):
         return []
-    return [j for j in judges if j in point.eval["rewards"] and point.mean(j) < base.mean(j)]
+    return [j for j in judges if j in point.eval["rewards"] and paired_change(point, base, j) < 0]
 
 
 def _comparability(evaluated: list[Point]) -> list[str]:

@@ -143,6 +143,30 @@ def test_three_front_rewards_draw_pairwise_and_parallel_plots(tmp_path):
     assert "Pairwise reward panels" in page and "Parallel coordinates" in page and "Fronts per objective" not in page
 
 
+def test_hacking_needs_paired_significance_over_prompts():
+    """The study's first real run flagged points whose judge means moved by 1e-3 inside noise of 3e-3: with
+    per-prompt scores, a gain or a loss counts only if the paired bootstrap interval excludes 0."""
+    def point(name, red, green):
+        per_prompt = [dict(index=i, prompt=f"p{i}", rewards=dict(red=r, green=g))
+                      for i, (r, g) in enumerate(zip(red, green, strict=True))]
+        evaluation = dict(rewards=dict(red=float(np.mean(red)), green=float(np.mean(green))), per_prompt=per_prompt,
+                          trained_rewards=[] if name == "base" else ["red"])
+        return study_report.Point(name=name, arm=name, objective="base" if name == "base" else "rb", weights={},
+                                  state="finished", log_tail="", eval=evaluation)
+    rng = np.random.default_rng(0)
+    base_red, base_green = rng.uniform(0.3, 0.5, 8), rng.uniform(0.2, 0.4, 8)
+    noise = rng.normal(0, 0.01, 8)
+    noise -= noise.mean()
+    consistent = point("a", base_red + 0.02, base_green - 0.01)  # every prompt: red up, green down
+    noisy = point("b", base_red + 0.02, base_green - 0.001 + noise)  # green mean lower, but within noise
+    no_gain = point("c", base_red + noise, base_green - 0.01)  # red not significantly up: not a hacking case
+    base = point("base", base_red, base_green)
+    assert noisy.mean("green") < base.mean("green")  # the old means-only rule flagged this
+    assert study_report.possible_hacking(consistent, base, ["green"]) == ["green"]
+    assert study_report.possible_hacking(noisy, base, ["green"]) == []
+    assert study_report.possible_hacking(no_gain, base, ["green"]) == []
+
+
 def test_report_refuses_points_scored_with_different_rewards(tmp_path):
     make_root(tmp_path)
     ev = json.loads((tmp_path / "dpo-b" / "eval.json").read_text())
