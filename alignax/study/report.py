@@ -7,9 +7,9 @@ Reads `ROOT/study.json` (the points the runner resolved, their states and log ta
 - hypervolumes above one shared reference (each reward's worst score minus 10% of its spread):
   exact by slicing for k ≤ 3 rewards and for study-sized fronts beyond, else Monte Carlo with its
   standard error stated (`alignax.pareto.front.hypervolume_auto`);
-- per objective: the hypervolume of its own front, its share of the joint front (the joint-front
-  points it contributes), and its hypervolume at equal cost (only its points that cost at most
-  the smallest of the objectives' largest costs);
+- per objective (per arm where several arms share an objective): the hypervolume of its own front,
+  its share of the joint front (the joint-front points it contributes), and its hypervolume at equal
+  cost (only its points that cost at most the smallest of the objectives' largest costs);
 - possible reward hacking: a point that beats the base on every reward it trains on while losing
   to the base on a held-out judge.
 
@@ -205,6 +205,18 @@ def _comparability(evaluated: list[Point]) -> list[str]:
             for p in evaluated[1:] if key(p) != key(first)]
 
 
+def _name_methods(points: list[Point]) -> None:
+    """Points are grouped by objective; where several arms share one (full backprop, DRaFT-K and mgda are
+    all `reward_backprop`), each arm is its own method on the front, so the group takes the arm's name."""
+    arms: dict[str, set[str]] = {}
+    for p in points:
+        if not p.is_base and p.arm:
+            arms.setdefault(p.objective, set()).add(p.arm)
+    for p in points:
+        if not p.is_base and p.arm and len(arms.get(p.objective, ())) > 1:
+            p.objective = p.arm
+
+
 def build(root: str) -> StudyReport:
     """Reads the study's points and evaluations and computes fronts, hypervolumes and flags."""
     root = fs.absolute(root)
@@ -218,6 +230,7 @@ def build(root: str) -> StudyReport:
             raise DataError(f"{fs.join(root, p.name, EVAL_JSON)}: rewards {sorted(p.eval['rewards'])} differ from "
                             f"{evaluated[0].name}'s {rewards}; a study scores every point with the same rewards")
     judges = [j for j in judges if j in rewards]
+    _name_methods(points)
     front_rewards = _front_rewards(evaluated, rewards, judges)
     rewards = front_rewards + [r for r in rewards if r not in front_rewards]
     matrix = _matrix(evaluated, front_rewards)

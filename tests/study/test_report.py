@@ -167,6 +167,15 @@ def test_hacking_needs_paired_significance_over_prompts():
     assert study_report.possible_hacking(no_gain, base, ["green"]) == []
 
 
+def test_arms_sharing_an_objective_are_separate_methods(tmp_path):
+    points = dict(POINTS)
+    points["rbk-c"] = ("reward_backprop", {"red": 0.0, "blue": 1.0}, ["blue"], {"red": 0.2, "blue": 0.95, "green": 0.5},
+                       120.0, "finished")  # another arm (e.g. DRaFT-K) of the same objective
+    make_root(tmp_path, points)
+    objectives = {o.name: o for o in study_report.build(str(tmp_path)).objectives}
+    assert sorted(objectives) == ["dpo", "rb", "rbk"] and objectives["rbk"].num_points == 1
+
+
 def test_report_refuses_points_scored_with_different_rewards(tmp_path):
     make_root(tmp_path)
     ev = json.loads((tmp_path / "dpo-b" / "eval.json").read_text())

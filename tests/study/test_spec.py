@@ -48,13 +48,14 @@ def test_tiny_study_resolves_to_stable_readable_points():
     assert names == ["base",
                      "reward_backprop__w-1-0", "reward_backprop__w-0.5-0.5", "reward_backprop__w-0-1",
                      "reward_backprop-draft_k__w-1-0", "reward_backprop-draft_k__w-0.5-0.5",
-                     "reward_backprop-draft_k__w-0-1", "dpo", "feature_align", "sft"]
+                     "reward_backprop-draft_k__w-0-1", "reward_backprop-mgda__w-1-0",
+                     "reward_backprop-mgda__w-0.5-0.5", "reward_backprop-mgda__w-0-1", "dpo", "feature_align", "sft"]
     assert names == [p.name for p in spec.resolve(spec.load_study(TINY), "/root")]  # same on every re-run
     assert points[2].workdir == "/root/reward_backprop__w-0.5-0.5" and points[2].weights == {"red": 0.5, "blue": 0.5}
     assert study.judges == ("green", "brightness") and set(study.rewards) == {"red", "blue", "green", "brightness"}
     configs = spec.validate(study, points, num_devices=1)
-    assert [p.objective for p in points] == ["base"] + ["reward_backprop"] * 6 + ["dpo", "feature_align", "sft"]
-    assert [p.total_steps for p in points] == [0] + [8] * 9
+    assert [p.objective for p in points] == ["base"] + ["reward_backprop"] * 9 + ["dpo", "feature_align", "sft"]
+    assert [p.total_steps for p in points] == [0] + [8] * 12
     first = configs["reward_backprop__w-1-0"]
     assert (first.pareto.weights.red, first.pareto.weights.blue, first.objective.mode) == (1.0, 0.0, "full")
     assert configs["reward_backprop-draft_k__w-0-1"].objective.mode == "draft_k"
@@ -145,9 +146,9 @@ def test_dry_run_writes_the_manifest_and_the_cli_error_is_one_line(tmp_path, cap
     root = tmp_path / "root"
     assert cli.run_study(TINY + ":2", str(root), dry_run=True, num_devices=1) == 0
     out = capsys.readouterr().out
-    assert len([line for line in out.splitlines() if " -m alignax." in line]) == 10
+    assert len([line for line in out.splitlines() if " -m alignax." in line]) == 13
     manifest = json.loads((root / "study.json").read_text())
-    assert [p["state"] for p in manifest["points"]] == ["pending"] * 10
+    assert [p["state"] for p in manifest["points"]] == ["pending"] * 13
     assert manifest["judges"] == ["green", "brightness"] and manifest["eval"]["seeds"] == [0, 1]
     assert sorted(p.name for p in root.iterdir()) == ["study.json"]  # a dry run starts nothing
 
