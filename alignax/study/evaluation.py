@@ -23,6 +23,7 @@ import ml_collections
 
 from alignax import evaluate, fs
 from alignax.errors import ConfigError, DataError
+from alignax.pareto import gradient_balance
 from alignax.rewards import setup as reward_setup
 
 EVAL_JSON = "eval.json"
@@ -75,7 +76,8 @@ def run_cost(workdir: str, config: ml_collections.ConfigDict, step: int) -> dict
     `train_seconds`: the compiled steps' time (each logging window's steps / its steps_per_second)
     plus checkpoint and sample I/O, without compilation; `flops`: the XLA cost analysis of the
     compiled train step (`compile/flops`, per device program) × steps; `reward_fwd_bwd`: samples
-    each reward scored with a backward pass (reward_backprop only: batch × DRaFT-LV copies × steps).
+    each reward scored with a backward pass (reward_backprop only: batch × DRaFT-LV copies × steps, times
+    the number of weighted rewards for a gradient-balanced scalarisation, which runs one backward each).
     Fields that metrics.jsonl does not give are None."""
     batch = int(config.get("batch_size", 0) or 0)
     cost: dict[str, Any] = {"steps": int(step), "examples": int(step) * batch, "train_seconds": None,
@@ -83,7 +85,11 @@ def run_cost(workdir: str, config: ml_collections.ConfigDict, step: int) -> dict
     objective = config.objective
     if objective.name == "reward_backprop":
         copies = int(objective.get("lv_n", 1)) if objective.get("mode") == "draft_lv" else 1
-        cost["reward_fwd_bwd"] = int(step) * batch * copies
+        pareto = config.get("pareto") or {}
+        backwards = 1
+        if pareto.get("scalarization") in gradient_balance.METHODS:
+            backwards = sum(1 for w in (pareto.get("weights") or {}).values() if w) or 1
+        cost["reward_fwd_bwd"] = int(step) * batch * copies * backwards
     path = fs.join(workdir, "metrics.jsonl")
     if not fs.exists(path):
         return cost

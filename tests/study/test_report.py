@@ -283,3 +283,15 @@ def test_evaluate_points_scores_with_a_held_out_judge_and_skips_up_to_date(train
     bad = types.SimpleNamespace(**{**vars(study), "rewards": {**study.rewards, "judge": dict(kind="nope")}})
     with pytest.raises(ConfigError, match="config.rewards.judge"):
         evaluation.evaluate_points(bad, [trained], str(root))
+
+
+def test_run_cost_counts_one_reward_backward_per_weighted_reward_under_mgda(tmp_path):
+    from alignax.study import evaluation
+    from experiments.configs import reward_backprop_tiny
+    weighted, balanced = reward_backprop_tiny.get_config(), reward_backprop_tiny.get_config("mgda")
+    balanced.pareto.weights = {"red": 0.5, "blue": 0.5}
+    steps, batch = 8, weighted.batch_size
+    assert evaluation.run_cost(str(tmp_path), weighted, steps)["reward_fwd_bwd"] == steps * batch
+    assert evaluation.run_cost(str(tmp_path), balanced, steps)["reward_fwd_bwd"] == 2 * steps * batch
+    balanced.pareto.weights = {"red": 1.0, "blue": 0.0}  # a zero-weight reward gets no backward
+    assert evaluation.run_cost(str(tmp_path), balanced, steps)["reward_fwd_bwd"] == steps * batch
