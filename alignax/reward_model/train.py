@@ -277,9 +277,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
     from alignax.training.small_loop import SmallLoop
 
     config = validate(ml_collections.ConfigDict(config.to_dict()), jax.device_count())
-    with SmallLoop(workdir, config.to_dict(), total_steps=config.total_steps, log_every=config.log_every,
-                   eval_every=config.eval_every, checkpoint_every=config.checkpoint_every,
-                   keep_checkpoints=config.keep_checkpoints) as loop:
+    with SmallLoop.for_config(workdir, config) as loop:
         return _run(config, Path(workdir), loop, on_step)
 
 

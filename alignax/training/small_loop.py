@@ -74,6 +74,13 @@ class SmallLoop:
         self._lock: WorkdirLock | None = None
         self._previous_handler: Any = None
 
+    @classmethod
+    def for_config(cls, workdir: fs.PathLike, config: Any) -> SmallLoop:
+        """The loop for a validated small-trainer ConfigDict (the cadence fields every small trainer has)."""
+        return cls(workdir, config.to_dict(), total_steps=config.total_steps, log_every=config.log_every,
+                   eval_every=config.eval_every, checkpoint_every=config.checkpoint_every,
+                   keep_checkpoints=config.keep_checkpoints)
+
     # ---- the run's frame ------------------------------------------------------------------------
 
     def __enter__(self) -> SmallLoop:
