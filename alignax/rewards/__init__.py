@@ -16,6 +16,7 @@ from alignax.rewards import (
     hpsv2,  # noqa: F401  (registers hpsv2, hpsv2.1)
     identity,  # noqa: F401  (registers identity, identity_aesthetic)
     pickscore,  # noqa: F401  (registers pickscore)
+    realism,  # noqa: F401  (registers realism)
     toy,  # noqa: F401  (registers brightness, channel_mean, channel_share)
 )
 from alignax.rewards.base import REGISTRY, Reward, get, register
