@@ -2,6 +2,11 @@
 
     python -m alignax.data.siglip_targets --dataset=DIR --siglip=SIGLIP_DIR --out=OUT_DIR
 
+`--siglip` may also be a transformers CLIP directory (model_type 'clip', e.g. the portrait world's CLIP):
+its projected image and text embeddings are the pooled targets, and its patch tokens (class token
+dropped, after the post-layernorm) are brought into the same joint space by the visual projection, so all
+three targets share one width, as SigLIP's do.
+
 The targets are fixed for a dataset, so computing them once offline (here, with alignax's
 own Flax SigLIP loaded by `load_transformers`) keeps the SigLIP tower out of every training
 step. Token ids come from the tokenizer saved with the checkpoint (transformers'
@@ -33,16 +38,37 @@ def siglip_pixels(images_uint8: np.ndarray, size: int) -> jax.Array:
     return preprocess.normalize_to_nchw(x, SIGLIP_MEAN, SIGLIP_STD)
 
 
+def _siglip_features(module, params, images_uint8: jax.Array, input_ids: jax.Array) -> tuple[jax.Array, ...]:
+    apply = lambda method, *args: module.apply({"params": params}, *args, method=method)  # noqa: E731
+    pixels = siglip_pixels(images_uint8, module.config.vision.image_size)
+    patches, pooled = apply(lambda m, x: m.vision_model(x), pixels)
+    return apply(lambda m, ids: m.get_text_features(ids), input_ids), pooled, patches
+
+
+def _clip_features(module, params, images_uint8: jax.Array, input_ids: jax.Array) -> tuple[jax.Array, ...]:
+    from alignax.models.layers import LayerNorm
+    apply = lambda method, *args: module.apply({"params": params}, *args, method=method)  # noqa: E731
+    size = module.config.vision.image_size
+    x = preprocess.resize(jnp.asarray(images_uint8, jnp.float32) / 255.0, size, size)
+    hidden, pooled = apply(lambda m, pixels: m.vision_model(pixels), preprocess.normalize_to_nchw(x))
+    norm = LayerNorm(epsilon=module.config.vision.layer_norm_eps)
+    tokens = norm.apply({"params": params["vision_model"]["post_layernorm"]}, hidden[:, 1:])
+    project = lambda v: apply(lambda m, y: m.visual_projection(y), v)  # noqa: E731
+    return apply(lambda m, ids: m.get_text_features(ids), input_ids), project(pooled), project(tokens)
+
+
+# model_type -> (module, params, images uint8 NHWC, input_ids) -> (text, image, patches), in one joint width
+FEATURES: dict[str, Callable[..., tuple[jax.Array, ...]]] = {"siglip": _siglip_features, "clip": _clip_features}
+
+
 def targets_fn(siglip) -> Callable[[np.ndarray, np.ndarray], dict[str, np.ndarray]]:
     """`(images uint8 NHWC, input_ids) -> targets`, one compiled program with one vision pass for both the
     pooled and the patch features."""
-    size = siglip.module.config.vision.image_size
+    features = FEATURES[siglip.architecture.name]
 
     @jax.jit
     def targets(params, images_uint8, input_ids):
-        apply = lambda method, *args: siglip.module.apply({"params": params}, *args, method=method)  # noqa: E731
-        patches, pooled = apply(lambda m, x: m.vision_model(x), siglip_pixels(images_uint8, size))
-        text = apply(lambda m, ids: m.get_text_features(ids), input_ids)
+        text, pooled, patches = features(siglip.module, params, images_uint8, input_ids)
         return {"siglip_text_embeds": text, "siglip_image_embeds": pooled, "siglip_patch_embeds": patches}
 
     return lambda images, ids: jax.device_get(targets(siglip.params, jnp.asarray(images), jnp.asarray(ids)))
@@ -78,9 +104,9 @@ def load_siglip_and_tokenizer(directory: str | os.PathLike) -> tuple[object, Cal
     local transformers directory."""
     from alignax.models import load_transformers
     model = load_transformers(directory)
-    if model.architecture.name != "siglip":
-        raise WeightsError(f"{directory}/config.json: model_type {model.architecture.name!r}; SigLIP targets need "
-                           "a 'siglip' checkpoint")
+    if model.architecture.name not in FEATURES:
+        raise WeightsError(f"{directory}/config.json: model_type {model.architecture.name!r}; feature targets need "
+                           f"one of {sorted(FEATURES)}")
     from transformers import AutoTokenizer
     try:
         tokenizer = AutoTokenizer.from_pretrained(os.fspath(directory), local_files_only=True)

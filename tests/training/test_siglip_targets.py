@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import transformers
 
 from alignax.data import dataset_splits, open_dataset, siglip_targets
@@ -85,14 +86,47 @@ def test_targets_equal_siglip_and_train_feature_align(siglip_dir, tiny_world, tm
     assert losses[-1] < losses[0], losses  # the heads learn the precomputed targets
 
 
-def test_bad_checkpoints_are_refused_before_any_work(siglip_dir, tiny_world, tmp_path):  # noqa: F811
-    transformers.CLIPModel(transformers.CLIPConfig(
+def _tiny_clip(image_size: int) -> transformers.CLIPModel:
+    torch.manual_seed(0)
+    return transformers.CLIPModel(transformers.CLIPConfig(
         text_config=dict(vocab_size=99, hidden_size=32, intermediate_size=37, num_hidden_layers=1,
                          num_attention_heads=4, max_position_embeddings=16),
-        vision_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=4,
-                           image_size=32, patch_size=8))).save_pretrained(tmp_path / "clip")
-    with pytest.raises(WeightsError, match="'siglip'"):
-        siglip_targets.add_targets(f"{tiny_world}/captioned_images", tmp_path / "clip", tmp_path / "never")
+        vision_config=dict(hidden_size=24, intermediate_size=37, num_hidden_layers=1, num_attention_heads=4,
+                           image_size=image_size, patch_size=8), projection_dim=20)).eval()
+
+
+def test_clip_targets_are_its_joint_space_features(tiny_world, tmp_path):  # noqa: F811
+    """A CLIP (the portrait world's kind) as the target model: pooled image and text features as
+    transformers computes them, and the patch tokens post-layernormed and projected into the same space."""
+    source = open_dataset(f"{tiny_world}/captioned_images", "train")
+    size = source[0]["image"].shape[0]
+    reference = _tiny_clip(size)
+    reference.save_pretrained(tmp_path / "clip")
+    save_word_tokenizer(tmp_path / "clip", [source[i]["prompt"] for i in range(len(source))])
+    clip, tokenize = siglip_targets.load_siglip_and_tokenizer(tmp_path / "clip")
+    images = np.stack([source[i]["image"] for i in range(3)])
+    ids = tokenize([source[i]["prompt"] for i in range(3)])
+    ours = siglip_targets.compute_targets(clip, images, ids)
+    mean, std = np.array([0.48145466, 0.4578275, 0.40821073]), np.array([0.26862954, 0.26130258, 0.27577711])
+    pixels = torch.from_numpy(((images / 255.0 - mean) / std).transpose(0, 3, 1, 2).astype(np.float32))
+    with torch.no_grad():
+        vision = reference.vision_model(pixel_values=pixels)
+        patches = reference.visual_projection(reference.vision_model.post_layernorm(vision.last_hidden_state[:, 1:]))
+        expected = {"siglip_image_embeds": reference.visual_projection(vision.pooler_output),
+                    "siglip_patch_embeds": patches,
+                    "siglip_text_embeds": reference.get_text_features(input_ids=torch.from_numpy(ids).long()
+                                                                      ).pooler_output}
+    for field, value in expected.items():
+        np.testing.assert_allclose(ours[field], value.numpy(), rtol=1e-5, atol=1e-6)
+    assert ours["siglip_patch_embeds"].shape == (3, (size // 8) ** 2, 20)
+
+
+def test_bad_checkpoints_are_refused_before_any_work(siglip_dir, tiny_world, tmp_path):  # noqa: F811
+    transformers.CLIPTextModelWithProjection(transformers.CLIPTextConfig(
+        vocab_size=99, hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=4,
+        max_position_embeddings=16)).save_pretrained(tmp_path / "text_only")
+    with pytest.raises(WeightsError, match="'clip_text_model'.*'clip', 'siglip'"):
+        siglip_targets.add_targets(f"{tiny_world}/captioned_images", tmp_path / "text_only", tmp_path / "never")
     no_tokenizer = tmp_path / "bare"
     transformers.SiglipModel(tiny_siglip_config()).save_pretrained(no_tokenizer)
     with pytest.raises(WeightsError, match="tokenizer"):
