@@ -153,7 +153,7 @@ def cli() -> None:
 
     from alignax import cli as cli_lib
     flags.DEFINE_string("dataset", None, "captioned-images dataset directory", required=True)
-    flags.DEFINE_string("siglip", None, "transformers SigLIP / SigLIP 2 directory (config, weights, tokenizer)",
+    flags.DEFINE_string("siglip", None, "transformers SigLIP / SigLIP 2 or CLIP directory (config, weights, tokenizer)",
                         required=True)
     flags.DEFINE_string("out", None, "output dataset directory", required=True)
     flags.DEFINE_integer("batch_size", 32, "images per SigLIP forward pass")
