@@ -21,33 +21,48 @@ from alignax.errors import DataError
 IMAGE_KEYS = ("image_0", "image_1")
 
 
-def word_merges(words: Iterable[str]) -> list[tuple[str, str]]:
-    """BPE merges that build each word left to right into one `word</w>` token (duplicates dropped)."""
-    merges: dict[tuple[str, str], None] = {}
+def _bpe(symbols: list[str], ranks: Mapping[tuple[str, str], int]) -> list[str]:
+    """The BPE segmentation: repeatedly merge the adjacent pair of lowest rank."""
+    while len(symbols) > 1:
+        pairs = [(ranks.get(pair, len(ranks)), i) for i, pair in enumerate(zip(symbols, symbols[1:], strict=False))]
+        rank, i = min(pairs)
+        if rank == len(ranks):
+            break
+        symbols = symbols[:i] + [symbols[i] + symbols[i + 1]] + symbols[i + 2:]
+    return symbols
+
+
+def word_merges(words: Iterable[str], alphabet: str = string.ascii_lowercase) -> list[tuple[str, str]]:
+    """BPE merges that make each word one `word</w>` token. Each word's merges chain the pieces that the
+    merges before it already make of the word, so a later word's merges (of higher rank) never split an
+    earlier one, whatever letters they share."""
+    ranks: dict[tuple[str, str], int] = {}
     for word in words:
-        if len(word) < 2 or not set(word) <= set(string.ascii_lowercase):
+        if len(word) < 2 or not set(word) <= set(alphabet):
             continue
-        piece = word[0]
-        for char in word[1:-1]:
-            merges[(piece, char)] = None
-            piece += char
-        merges[(piece, word[-1] + "</w>")] = None
-    return list(merges)
+        pieces = _bpe([*word[:-1], word[-1] + "</w>"], ranks)
+        while len(pieces) > 1:
+            ranks.setdefault((pieces[0], pieces[1]), len(ranks))
+            pieces = [pieces[0] + pieces[1], *pieces[2:]]
+    return list(ranks)
 
 
-def write_word_tokenizer(directory: str | os.PathLike, words: Iterable[str]) -> Path:
-    """Saves a CLIPTokenizer (vocab.json, merges.txt, tokenizer.json) knowing `words` as whole tokens."""
+def write_word_tokenizer(directory: str | os.PathLike, words: Iterable[str], *,
+                         alphabet: str = string.ascii_lowercase, model_max_length: int = 77) -> Path:
+    """Saves a CLIPTokenizer (vocab.json, merges.txt, tokenizer.json) knowing `words` as whole tokens; any
+    other word of `alphabet` characters falls back to characters (each also a word end, `x</w>`)."""
     import transformers
 
-    merges = word_merges(words)
-    vocab = {c: i for i, c in enumerate(string.ascii_lowercase)}
-    vocab.update({f"{c}</w>": len(vocab) + i for i, c in enumerate(string.ascii_lowercase)})
+    merges = word_merges(words, alphabet)
+    vocab = {c: i for i, c in enumerate(alphabet)}
+    vocab.update({f"{c}</w>": len(vocab) + i for i, c in enumerate(alphabet)})
     for a, b in merges:
         vocab.setdefault(a + b, len(vocab))
     vocab["<|startoftext|>"] = len(vocab)
     vocab["<|endoftext|>"] = len(vocab)
     directory = Path(directory)
-    transformers.CLIPTokenizer(vocab=vocab, merges=merges).save_pretrained(directory)
+    transformers.CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length
+                               ).save_pretrained(directory)
     return directory
 
 
