@@ -4,7 +4,8 @@
 dataset kind (`captioned_images/`, `prompts/`, `preference_pairs/`), as the tiny world
 does; the objective's data kind picks the sub-directory. With `config.data.generate =
 'tiny_world'` and no path, the world is generated under `workdir/tiny_world` by process 0,
-sized to fit `config.model`.
+sized to fit `config.model`. With 'portrait_world', the datasets of the built portrait world
+(alignax.world) are generated once into the cache and shared by every run on it.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import ml_collections
 from alignax import fs
 from alignax.errors import ConfigError
 
-GENERATORS = ("tiny_world",)
+GENERATORS = ("tiny_world", "portrait_world")
 
 
 def tiny_world_sizes(config: ml_collections.ConfigDict) -> dict:
@@ -39,6 +40,10 @@ def prepare(config: ml_collections.ConfigDict, workdir: str | Path) -> None:
     if config.data.path:
         raise ConfigError(f"config.data.path={config.data.path!r} and config.data.generate={generate!r} are both "
                           "set; keep one")
+    if generate == "portrait_world":  # shared by every run on the world: cached, not per workdir
+        from alignax.world import datasets, paths
+        config.data.path = str(datasets.ensure(paths.default_world()))
+        return
     root = generated_root(workdir, generate)
     remote = fs.is_remote(workdir)
     # A remote workdir's generated data lives on each host's local disk (the readers need random access
