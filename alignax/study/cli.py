@@ -32,6 +32,25 @@ def evaluate_and_report(study: spec.Study, points: list[spec.Point], root: str, 
     return Path(report.write_report(root))
 
 
+def finish(study: spec.Study, root: str) -> None:
+    """The front in a few lines; with the study's `export_best`, its best point exported as a diffusers
+    pipeline and sampled once by diffusers (alignax.study.best)."""
+    from alignax.study import best, report
+    built = report.build(root)
+    for line in best.front_lines(built):
+        print(line)
+    if not study.export_best:
+        return
+    point = best.best_point(built)
+    if point is None:
+        print(f"study {study.name}: no trained point on the joint front to export")
+        return
+    gains = ", ".join(f"{k} {v:+.2f}" for k, v in best.gains(built, point).items())
+    out, png = best.export_best(built, point)
+    print(f"best point: {point.name} (gain over base per reward spread: {gains}); exported as a diffusers "
+          f"pipeline to {out}" + (f", sampled by diffusers to {png}" if png else ""))
+
+
 def run_study(study_spec: str, root: str, *, backend_name: str = "local", parallel: int = 1,
               dry_run: bool = False, report_only: bool = False, rerun_finished: bool = False,
               progress_every: float = 5.0, **backend_options: Any) -> int:
@@ -63,6 +82,8 @@ def run_study(study_spec: str, root: str, *, backend_name: str = "local", parall
     states = work.execute(progress_every=progress_every)
     manifest = work.manifest_path
     index = evaluate_and_report(study, points, root)
+    if index is not None:
+        finish(study, root)
     not_finished = sorted(name for name, state in states.items() if state != "finished")
     finished = len(points) - len(not_finished)
     print(f"{label}: {finished}/{len(points)} points finished" +

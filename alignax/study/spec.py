@@ -7,6 +7,8 @@
     eval      {num_prompts, seeds, ...} passed to the evaluation as is (defaults: 8 prompts, seed 0)
     overrides {dotted key: value}      applied to every arm (e.g. `total_steps`); not part of point names
     base      {config, overrides}      optional: whose initial params the base point holds (default: first arm)
+    export_best bool                   optional: after the report, export the best joint-front point as a
+                                       diffusers pipeline and sample it once in diffusers (alignax.study.best)
     arms      [{name, config: 'experiments/configs/X.py[:ARG]', overrides: {dotted key: value},
                 weights: {rewards: [names], grid: 'simplex:N' | 'dirichlet:N:SEED' | [[w, ...], ...]}}]
 
@@ -43,7 +45,7 @@ from alignax.study.weights import format_weight, resolve_grid
 
 BASE = "base"
 BASE_MODULE = "alignax.study.base_point"
-STUDY_FIELDS = ("rewards", "judges", "eval", "overrides", "base", "arms")
+STUDY_FIELDS = ("rewards", "judges", "eval", "overrides", "base", "arms", "export_best")
 ARM_FIELDS = ("name", "config", "overrides", "weights")
 WEIGHT_FIELDS = ("rewards", "grid")
 DEFAULT_EVAL = dict(num_prompts=8, seeds=(0,))
@@ -97,6 +99,7 @@ class Study:
     overrides: dict[str, Any]
     base: Arm
     arms: tuple[Arm, ...]
+    export_best: bool = False   # after the report: export the best front point and sample it in diffusers
 
 
 def _plain(value: Any) -> Any:
@@ -186,8 +189,11 @@ def load_study(spec: str) -> Study:
         base = Arm(BASE, _config_file(base_raw["config"], f"{where}: base.config", path),
                    _overrides(base_raw.get("overrides"), f"{where}: base.overrides"))
     name = Path(path).stem + (f"-{arg}" if arg else "")
+    export_best = raw.get("export_best", False)
+    if not isinstance(export_best, bool):
+        raise ConfigError(f"{where}: export_best={export_best!r}, expected True or False")
     return Study(spec, name, rewards, tuple(judges), ml_collections.ConfigDict(eval_cfg),
-                 _overrides(raw.get("overrides"), f"{where}: overrides"), base, tuple(arms))
+                 _overrides(raw.get("overrides"), f"{where}: overrides"), base, tuple(arms), export_best)
 
 
 def _config_file(config: Any, where: str, study_file: str) -> str:

@@ -35,6 +35,7 @@ def get_study(arg: str = "") -> dict:
         rewards=rewards(world, size),
         judges=list(JUDGES),
         eval=dict(num_prompts=16, seeds=[0, 1]),
+        export_best=True,
         overrides={"total_steps": steps, "checkpoint_every": steps, "log_every": max(1, steps // 6), "eval_every": 0},
         arms=[
             dict(name="reward_backprop-draft_k", config=f"{CONFIG}:reward_backprop",

@@ -295,3 +295,18 @@ def test_run_cost_counts_one_reward_backward_per_weighted_reward_under_mgda(tmp_
     assert evaluation.run_cost(str(tmp_path), balanced, steps)["reward_fwd_bwd"] == 2 * steps * batch
     balanced.pareto.weights = {"red": 1.0, "blue": 0.0}  # a zero-weight reward gets no backward
     assert evaluation.run_cost(str(tmp_path), balanced, steps)["reward_fwd_bwd"] == steps * batch
+
+
+def test_best_point_gains_most_over_the_base_per_reward_spread(tmp_path):
+    from alignax.study import best
+    points = dict(POINTS)
+    points["dpo-a"] = ("dpo", {}, [], {"red": 0.6, "blue": 0.75, "green": 0.5}, 50.0, "finished")
+    make_root(tmp_path, points)
+    report = study_report.build(str(tmp_path))
+    # spreads: red 0.9 - 0.4, blue 0.75 - 0.3; rb-b gains 0.2/0.5 + 0.2/0.45, dpo-a 0.1/0.5 + 0.25/0.45
+    gains = best.gains(report, next(p for p in report.points if p.name == "rb-b"))
+    assert gains == pytest.approx({"red": 0.4, "blue": 0.2 / 0.45})
+    assert best.best_point(report).name == "rb-b"
+    lines = best.front_lines(report)
+    assert lines[0].startswith("joint front over (blue, red)") or lines[0].startswith("joint front over (red, blue)")
+    assert "dpo-b" not in lines[0] and "rb-b" in lines[0]
