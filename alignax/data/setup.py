@@ -21,6 +21,20 @@ from alignax.errors import ConfigError
 GENERATORS = ("tiny_world", "portrait_world")
 
 
+def _portrait_world() -> str:
+    from alignax.world import datasets, paths
+    return str(datasets.ensure(paths.default_world()))
+
+
+# Generators whose data does not depend on the run: written once into the cache and shared by every run.
+SHARED = {"portrait_world": _portrait_world}
+
+
+def prepare_shared(generate: str) -> str:
+    """The cached dataset root of a shared generator (written first when missing)."""
+    return SHARED[generate]()
+
+
 def tiny_world_sizes(config: ml_collections.ConfigDict) -> dict:
     """Text-embedding and image sizes that fit the configured (random-init) model."""
     from alignax.models import setup as model_setup
@@ -40,9 +54,8 @@ def prepare(config: ml_collections.ConfigDict, workdir: str | Path) -> None:
     if config.data.path:
         raise ConfigError(f"config.data.path={config.data.path!r} and config.data.generate={generate!r} are both "
                           "set; keep one")
-    if generate == "portrait_world":  # shared by every run on the world: cached, not per workdir
-        from alignax.world import datasets, paths
-        config.data.path = str(datasets.ensure(paths.default_world()))
+    if generate in SHARED:  # shared by every run on the world: cached, not per workdir
+        config.data.path = prepare_shared(generate)
         return
     root = generated_root(workdir, generate)
     remote = fs.is_remote(workdir)

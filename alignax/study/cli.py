@@ -60,7 +60,7 @@ def run_study(study_spec: str, root: str, *, backend_name: str = "local", parall
     points = spec.resolve(study, root)
     backend = backends.get(backend_name, parallel=parallel, **backend_options)
     num_devices = None if report_only else backend.num_devices()
-    spec.validate(study, points, num_devices)  # before anything starts: a bad point stops the study here
+    configs = spec.validate(study, points, num_devices)  # before anything starts: a bad point stops the study here
     work = runner.StudyRun(study, points, root, backend, num_devices=num_devices)
     skipped = work.skip_finished(rerun_finished)
     label = f"study {study.name}"
@@ -79,6 +79,10 @@ def run_study(study_spec: str, root: str, *, backend_name: str = "local", parall
                 print(backend.command(None, point.run))
         print(f"{label}: dry run, nothing started; wrote {manifest}", file=sys.stderr)
         return 0
+    from alignax.data import setup as data_setup
+    for generate in sorted({c.data.get("generate", "") for c in configs.values()} & set(data_setup.SHARED)):
+        print(f"{label}: preparing the {generate} datasets the points share", file=sys.stderr)
+        data_setup.prepare_shared(generate)  # once here, not raced by parallel points
     states = work.execute(progress_every=progress_every)
     manifest = work.manifest_path
     index = evaluate_and_report(study, points, root)

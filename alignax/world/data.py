@@ -114,7 +114,8 @@ def _pairs(rng: np.random.Generator, identities: list[P.Identity], combos: list[
 
 
 def generate(seed: int = 0, *, size: int = 64, num_identities: int = 16, num_train: int = 8192,
-             num_eval: int = 512, num_pairs: int | None = None, faces_per_identity: int = 96,
+             num_eval: int = 512, num_pairs: int | None = None, num_eval_pairs: int | None = None,
+             faces_per_identity: int = 96,
              references_per_identity: int = 4) -> WorldData:
     """The whole world's data, deterministic in its arguments."""
     identities = P.make_identities(num_identities, seed)
@@ -133,7 +134,8 @@ def generate(seed: int = 0, *, size: int = 64, num_identities: int = 16, num_tra
         train=_portraits(rng(10), identities, train_combos, num_train, size),
         eval=_portraits(rng(11), identities, eval_combos, num_eval, size),
         train_pairs=_pairs(rng(20), identities, train_combos, num_pairs, size),
-        eval_pairs=_pairs(rng(21), identities, eval_combos, max(num_pairs // 8, 8), size),
+        eval_pairs=_pairs(rng(21), identities, eval_combos,
+                          num_eval_pairs if num_eval_pairs is not None else max(num_pairs // 8, 8), size),
         faces={name: _portraits(rng(30 + i), identities, train_combos, len(who), size, who=who)
                for i, (name, who) in enumerate(faces_who.items())},
         references=group(refs), unseen=group(unseen), held_out=eval_combos)

@@ -70,6 +70,7 @@ def test_a_tiny_run_learns_and_diffusers_loads_what_it_saves(tiny_world, tmp_pat
     np.testing.assert_allclose(ours, decoded, rtol=1e-5, atol=2e-5)
 
 
+@pytest.mark.slow  # three short runs; the SmallLoop resume machinery is covered in tests/training as well
 def test_resume_after_a_kill_equals_an_uninterrupted_run(tiny_world, tmp_path):  # noqa: F811
     dataset = f"{tiny_world}/captioned_images"
     straight = vae_train.run(config(dataset, total_steps=6, checkpoint_every=3), tmp_path / "straight")

@@ -91,6 +91,7 @@ def test_a_tiny_run_learns_and_transformers_loads_the_towers(tiny_world, tokeniz
                                rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow  # three short runs; the SmallLoop resume machinery is covered in tests/training as well
 def test_resume_after_a_kill_equals_an_uninterrupted_run(tiny_world, tokenizer, tmp_path):  # noqa: F811
     make = lambda: config(tiny_world, tokenizer, total_steps=4, checkpoint_every=2)  # noqa: E731
     straight = clip_train.run(make(), tmp_path / "straight")
