@@ -11,7 +11,8 @@ Rewards (higher is better):
 - `identity`: the world's ArcFace IResNet, cosine to the requested person's reference portraits, faces
   aligned by the world's fixed landmarks;
 - `alignment`: the world CLIP's CLIP score of the caption.
-`reward_backprop` trains on their weighted sum (DRaFT-K, K=1; `--config.pareto.weights.<name>=w`).
+`reward_backprop` trains on their weighted sum (DRaFT-K, K=1; `--config.pareto.weights.<name>=w`), each reward
+normalised by running statistics.
 `feature_align` is sft plus projector heads on the image stream supervised by the world CLIP's projected
 patch and pooled features (precomputed into the dataset; the heads are dropped at export).
 
@@ -74,6 +75,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         for name in TRAINED_REWARDS:
             c.rewards[name] = trained[name]
         c.pareto.weights = ml_collections.ConfigDict(dict(aesthetic=1.0, identity=1.0, alignment=0.0))
+        # The scores live on different scales (a PickScore-style logit, a cosine, 100 x cosine): each is divided
+        # by its running std, so the weights, not the units, set the trade-off.
+        c.pareto.normalization = ml_collections.ConfigDict(
+            {name: dict(method="running", momentum=0.9) for name in TRAINED_REWARDS})
     elif objective == "dpo":
         c.objective.beta = 500.0
         c.objective.sample_posterior = False
