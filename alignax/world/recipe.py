@@ -63,7 +63,7 @@ FULL = Recipe(
     sft_steps=8000, sft_batch=16, sft_learning_rate=3e-4,
     identity_crop=48, identity_model=dict(layers=(1, 1, 1, 1), widths=(32, 64, 96, 128), stem_width=32,
                                           embedding_size=128),
-    identity_steps=1500, scorer_steps=600,
+    identity_steps=400, scorer_steps=400,
     quality_samples=128, sample_steps=20,
 )
 
