@@ -1,7 +1,7 @@
 """Alignment runs on the portrait world (alignax.world): LoRA on its sft-pretrained SD3 pipeline, with its
 rewards, all trained in alignax. The world's datasets are generated once into the cache.
 
-    python -m alignax.train --config=experiments/configs/portrait_world.py:reward_backprop --workdir=DIR
+    python -m alignax.train --config=experiments/configs/portrait_world.py --workdir=DIR    # reward_backprop
     python -m alignax.train --config=experiments/configs/portrait_world.py:dpo --workdir=DIR
     ... :feature_align, :sft
 
@@ -50,9 +50,9 @@ def rewards(world: paths.WorldPaths, size: int) -> dict[str, dict]:
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
     options = common.parse_options(arg, OBJECTIVES, config_file=__file__)
-    if len(options) != 1:
-        raise ConfigError(f"portrait_world.py:{arg}: name one objective of {list(OBJECTIVES)}")
-    objective = options[0]
+    if len(options) > 1:
+        raise ConfigError(f"portrait_world.py:{arg}: name one objective of {list(OBJECTIVES)}, not {len(options)}")
+    objective = options[0] if options else "reward_backprop"
     world = paths.default_world()
     recipe = world.read_manifest()["recipe"] if world.is_complete() else {}
     size, layers = int(recipe.get("image_size", 64)), int(recipe.get("transformer", {}).get("num_layers", 4))
