@@ -54,8 +54,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         raise ConfigError(f"portrait_world.py:{arg}: name one objective of {list(OBJECTIVES)}, not {len(options)}")
     objective = options[0] if options else "reward_backprop"
     world = paths.default_world()
-    recipe = world.read_manifest()["recipe"] if world.is_complete() else {}
-    size, layers = int(recipe.get("image_size", 64)), int(recipe.get("transformer", {}).get("num_layers", 4))
+    recipe = world.read_manifest()["recipe"]  # a ConfigError naming the directory when no world is built there
+    size, layers = int(recipe["image_size"]), int(recipe["transformer"]["num_layers"])
 
     c = config_lib.base_config()
     c.total_steps, c.batch_size = 40, 8
@@ -84,7 +84,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         c.objective.sample_posterior = False
     elif objective == "feature_align":
         c.objective.targets = "batch"
-        c.objective.target_dim = int(recipe.get("clip_projection", 64))  # the world CLIP's joint width
+        c.objective.target_dim = int(recipe["clip_projection"])  # the world CLIP's joint width
         c.objective.blocks = (min(1, layers - 1),)  # an early block, as REPA aligns (the 2nd of 4)
         c.objective.granularities = ("global", "regional", "token")
         c.objective.regional_grids = (2,)

@@ -29,7 +29,7 @@ JUDGES = ("realism", "identity_unseen")
 def get_study(arg: str = "") -> dict:
     scale = float(arg) if arg else 1.0
     world = paths.default_world()
-    size = int(world.read_manifest()["recipe"]["image_size"]) if world.is_complete() else 64
+    size = int(world.read_manifest()["recipe"]["image_size"])  # ConfigError naming the directory if none is built
     steps = max(2, int(round(24 * scale)))
     return dict(
         rewards=rewards(world, size),
