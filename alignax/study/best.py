@@ -40,13 +40,16 @@ def best_point(report: StudyReport) -> Point | None:
 
 
 def front_lines(report: StudyReport) -> list[str]:
-    """The front in words: its members and hypervolume, then one line per objective."""
+    """The front in words: its members and hypervolume, one line per objective, then whether each point
+    raised its targets (paired over prompts; `alignax.study.html.target_verdicts`)."""
+    from alignax.study.html import target_verdicts
     members = [p.name for p in report.evaluated if p.on_front]
     lines = [f"joint front over ({', '.join(report.front_rewards)}): {len(members)} of {len(report.evaluated)} "
              f"points ({', '.join(members)}); hypervolume {report.hypervolume:.4g}"]
     for s in report.objectives:
         lines.append(f"  {s.name}: hypervolume {s.hypervolume:.4g}, {s.joint_front_points}/{s.num_points} points "
                      f"on the joint front")
+    lines += [f"  {line}" for line in target_verdicts(report)]
     return lines
 
 

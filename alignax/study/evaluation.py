@@ -186,6 +186,7 @@ def evaluate_point(point: Any, root: str, *, source: str, base: bool = False, in
         "weights": {} if base else {k: float(v) for k, v in weights.items()},
         "checkpoint_step": steps[-1], "num_prompts_requested": num_prompts,
         "trained_rewards": [] if base else trained_rewards(weights),
+        "targets": [] if base else list(field(point, "targets") or ()),
         "judges": list(judges),
         "cost": ({"steps": 0, "examples": 0, "train_seconds": 0.0, "flops_per_step": None, "flops": 0.0,
                   "reward_fwd_bwd": 0} if base else run_cost(source, ckpt.config, ckpt.step)),

@@ -65,6 +65,39 @@ def hacking_text(point: Point) -> str:
     return f"{FLAG}: loses on {', '.join(point.hacking)}" if point.hacking else ""
 
 
+def hacking_line(point: Point) -> str:
+    raised = [r for r in point.targets if r in point.gains and point.gains[r].sign > 0]
+    return f"{point.name} raises {', '.join(raised)} but loses on the held-out {', '.join(point.hacking)}"
+
+
+def gain_text(point: Point, reward: str) -> str:
+    """`+1.45 [+0.665, +2.29]`, with `*` after a target: the paired change over the base."""
+    gain = point.gains.get(reward)
+    if gain is None:
+        return ""
+    mark = " *" if reward in point.targets else ""
+    if not gain.paired:
+        return f"{gain.mean:+.3g} (unpaired){mark}"
+    return f"{gain.mean:+.3g} [{gain.low:+.3g}, {gain.high:+.3g}]{mark}"
+
+
+def target_verdicts(report: StudyReport) -> list[str]:
+    """One line per trained point with targets: whether it raised each of them significantly."""
+    lines = []
+    for p in report.evaluated:
+        if p.is_base or not p.targets or not p.gains:
+            continue
+        words = {1: "raised", 0: "no significant change on", -1: "lowered"}
+        parts = [f"{words[p.gains[r].sign]} {r} ({gain_text(p, r).rstrip(' *')})" for r in p.targets if r in p.gains]
+        lines.append(f"{p.name}: " + "; ".join(parts))
+    return lines
+
+
+GAINS_NOTE = ("Change over the base, paired over prompts (every point is scored on the same prompts and noise "
+              "seeds), with the bootstrap 95% interval of the mean difference; * marks a point's targets, the "
+              "rewards it is meant to raise. An interval that excludes 0 is a significant change.")
+
+
 def _reward_header(report: StudyReport, name: str) -> str:
     return f"{name} (judge)" if name in report.judges else name
 
@@ -120,14 +153,20 @@ def summary_markdown(report: StudyReport) -> str:
                      *[f"{number(p.mean(r))} {interval(p.interval(r))}" for r in report.rewards],
                      front_text(p), cost_text(p), str(p.state), hacking_text(p)]
         lines.append("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
+    gained = [p for p in report.evaluated if p.gains]
+    if gained:
+        lines += ["", "## Gains over the base", "", GAINS_NOTE, "",
+                  "| point | " + " | ".join(_reward_header(report, r) for r in report.rewards) + " |",
+                  "|" + "---|" * (len(report.rewards) + 1)]
+        lines += ["| " + " | ".join([p.name, *[gain_text(p, r) for r in report.rewards]]) + " |" for p in gained]
+        lines += ["", *[f"- {line}" for line in target_verdicts(report)]]
     lines += ["", f"## Objectives (cost axis: {report.cost_key})", "",
               "| " + " | ".join(OBJECTIVE_HEADER) + " |", "|" + "---|" * len(OBJECTIVE_HEADER)]
     lines += ["| " + " | ".join(row) + " |" for row in _objective_rows(report)]
     flagged = [p for p in report.points if p.hacking]
     if flagged:
         lines += ["", f"## {FLAG.capitalize()}", ""]
-        lines += [f"- {p.name}: beats the base on {', '.join(p.eval['trained_rewards'])} but loses on "
-                  f"{', '.join(p.hacking)}" for p in flagged]
+        lines += [f"- {hacking_line(p)}" for p in flagged]
     if report.failed:
         lines += ["", "## Failed points", ""]
         for p in report.failed:
@@ -194,11 +233,18 @@ def render(report: StudyReport, figures: list[tuple[str, bytes]]) -> str:
     flagged = [p for p in report.points if p.hacking]
     if flagged:
         parts.append(f'<h2 class="warn">{FLAG.capitalize()}</h2><ul>' + "".join(
-            f"<li><b>{_e(p.name)}</b> beats the base on {_e(', '.join(p.eval['trained_rewards']))} but loses on "
-            f"the held-out {_e(', '.join(p.hacking))}</li>" for p in flagged) + "</ul>")
+            f"<li>{_e(hacking_line(p))}</li>" for p in flagged) + "</ul>")
     parts += ["<h2>Points</h2><p>Mean over prompts × seeds; below it the bootstrap 95% interval of the mean over "
               "prompts. front: <i>joint</i> = on the front of every point, <i>own</i> = only on its objective's "
               "front. Judges are not used for dominance.</p>", _points_table(report)]
+    gained = [p for p in report.evaluated if p.gains]
+    if gained:
+        header = ["point", *[f'<span class="judge">{_e(r)} (judge)</span>' if r in report.judges else _e(r)
+                             for r in report.rewards]]
+        rows = [("front" if p.on_front else "", [_e(p.name), *[_e(gain_text(p, r)) for r in report.rewards]])
+                for p in gained]
+        parts += [f"<h2>Gains over the base</h2><p>{_e(GAINS_NOTE)}</p>", _table(header, rows),
+                  "<ul>" + "".join(f"<li>{_e(line)}</li>" for line in target_verdicts(report)) + "</ul>"]
     parts += [f"<h2>Objectives</h2><p>Hypervolumes above the shared reference; cost axis "
               f"<i>{_e(report.cost_key)}</i>, equal-cost budget {number(report.budget)} (the smallest of the "
               "objectives' largest costs): each objective's hypervolume from its points within it.</p>",

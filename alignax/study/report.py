@@ -10,8 +10,10 @@ Reads `ROOT/study.json` (the points the runner resolved, their states and log ta
 - per objective (per arm where several arms share an objective): the hypervolume of its own front,
   its share of the joint front (the joint-front points it contributes), and its hypervolume at equal
   cost (only its points that cost at most the smallest of the objectives' largest costs);
-- possible reward hacking: a point that beats the base on every reward it trains on while losing
-  to the base on a held-out judge.
+- every point's gain over the base on every reward, paired over prompts (same prompts and seeds),
+  with its 95% bootstrap interval; its targets (the rewards it is meant to raise) are marked;
+- possible reward hacking: a point that raises one of its targets significantly while losing
+  significantly to the base on a held-out judge.
 
 `evaluate_points` (re-exported here) writes the eval.json files; `write_report` builds the report.
 """
@@ -32,10 +34,28 @@ from alignax.evaluate import bootstrap_interval
 from alignax.pareto.front import hypervolume_auto, non_dominated
 from alignax.pareto.report import default_reference
 from alignax.study.evaluation import BASE, EVAL_JSON, evaluate_points  # noqa: F401 (the runner's entry point)
+from alignax.study.spec import default_targets
 
 STUDY_JSON = "study.json"
 COST_KEYS = ("flops", "train_seconds", "steps")  # the first that every trained point has is the cost axis
 log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class Gain:
+    """A point's mean change over the base on one reward, and the 95% bootstrap interval of it."""
+
+    mean: float
+    low: float
+    high: float
+    paired: bool  # per-prompt differences (else a difference of means, without an interval)
+
+    @property
+    def sign(self) -> int:
+        """+1 / -1 when the change is significant (its interval excludes 0), else 0."""
+        if not self.paired:
+            return int(np.sign(self.mean))
+        return 1 if self.low > 0 else -1 if self.high < 0 else 0
 
 
 @dataclasses.dataclass
@@ -52,10 +72,23 @@ class Point:
     on_front: bool = False            # the joint front (all objectives and the base)
     on_objective_front: bool = False  # its own objective's front
     hacking: list[str] = dataclasses.field(default_factory=list)  # judges it loses on while gaining
+    gains: dict[str, Gain] = dataclasses.field(default_factory=dict)  # reward -> paired gain over the base
+    study_targets: list[str] = dataclasses.field(default_factory=list)  # study.json's targets, if any
 
     @property
     def is_base(self) -> bool:
         return self.objective == BASE or self.name == BASE or self.arm == BASE
+
+    @property
+    def targets(self) -> list[str]:
+        """The rewards it is meant to raise: the study's (study.json) or eval.json's `targets`; without them
+        (an older study), its largest weights (`alignax.study.spec.default_targets`), else the rewards it
+        trains on."""
+        if self.is_base or self.eval is None:
+            return []
+        named = (self.study_targets or self.eval.get("targets")
+                 or default_targets(self.eval.get("weights") or self.weights))
+        return list(named or self.eval.get("trained_rewards") or ())
 
     def mean(self, reward: str) -> float:
         return float(self.eval["rewards"][reward])
@@ -138,7 +171,8 @@ def read_points(root: str) -> tuple[list[Point], list[str]]:
         objective = BASE if record.get("base") is True else str(record.get("objective") or "")
         points.append(Point(name, record.get("arm"), objective,
                             {k: float(v) for k, v in (record.get("weights") or {}).items()},
-                            record.get("state"), "\n".join(tail) if isinstance(tail, list) else str(tail)))
+                            record.get("state"), "\n".join(tail) if isinstance(tail, list) else str(tail),
+                            study_targets=[str(t) for t in record.get("targets") or ()]))
     for point in points:
         path = fs.join(root, point.name, EVAL_JSON)
         if fs.exists(path):
@@ -168,30 +202,36 @@ def _matrix(points: list[Point], names: list[str]) -> np.ndarray:
     return np.asarray([[p.mean(n) for n in names] for p in points], np.float64).reshape(len(points), len(names))
 
 
-def paired_change(point: Point, base: Point, reward: str) -> int:
-    """+1 / -1 when `point` scores significantly above / below the base on `reward`, else 0.
-
-    Both were scored on the same prompts and noise seeds, so the comparison is paired: the 95%
-    bootstrap interval (over prompts) of the per-prompt differences must exclude 0. Without
-    per-prompt scores (an eval.json from elsewhere), the sign of the difference of the means."""
+def paired_gain(point: Point, base: Point, reward: str) -> Gain:
+    """`point`'s change over the base on `reward`. Both were scored on the same prompts and noise seeds,
+    so the comparison is paired: the 95% bootstrap interval (over prompts) of the per-prompt differences,
+    which is far tighter than the two points' own intervals. Without per-prompt scores (an eval.json from
+    elsewhere), the difference of the means with no interval (`paired=False`)."""
     def scores(p: Point) -> dict[str, float]:
         return {row.get("prompt", row.get("index")): float(row["rewards"][reward])
                 for row in p.eval.get("per_prompt") or () if reward in row.get("rewards", {})}
     mine, theirs = scores(point), scores(base)
     if mine and mine.keys() == theirs.keys():
-        low, high = bootstrap_interval(np.asarray([mine[k] - theirs[k] for k in mine]))
-        return 1 if low > 0 else -1 if high < 0 else 0
-    return int(np.sign(point.mean(reward) - base.mean(reward)))
+        differences = np.asarray([mine[k] - theirs[k] for k in mine])
+        low, high = bootstrap_interval(differences)
+        return Gain(float(differences.mean()), float(low), float(high), True)
+    change = point.mean(reward) - base.mean(reward)
+    return Gain(change, change, change, False)
+
+
+def paired_change(point: Point, base: Point, reward: str) -> int:
+    """+1 / -1 when `point` scores significantly above / below the base on `reward`, else 0 (`paired_gain`)."""
+    return paired_gain(point, base, reward).sign
 
 
 def possible_hacking(point: Point, base: Point, judges: list[str]) -> list[str]:
-    """The judges `point` scores significantly below the base on, when it scores significantly above
-    the base on every reward it trains on (else []): its gain did not carry over to the held-out
-    rewards. Significance is paired over prompts (`paired_change`), so noise does not raise flags."""
-    trained = [r for r in (point.eval.get("trained_rewards") or []) if r in point.eval["rewards"]]
-    if point.is_base or not trained or not judges:
+    """The judges `point` scores significantly below the base on, when it significantly raises one of its
+    targets (else []): its gain did not carry over to the held-out rewards. Significance is paired over
+    prompts (`paired_change`), so noise does not raise flags."""
+    targets = [r for r in point.targets if r in point.eval["rewards"]]
+    if point.is_base or not targets or not judges:
         return []
-    if not all(paired_change(point, base, r) > 0 for r in trained):
+    if not any(paired_change(point, base, r) > 0 for r in targets):
         return []
     return [j for j in judges if j in point.eval["rewards"] and paired_change(point, base, j) < 0]
 
@@ -265,6 +305,7 @@ def build(root: str) -> StudyReport:
     base = report.base
     if base is not None:
         for p in trained:
+            p.gains = {r: paired_gain(p, base, r) for r in rewards}
             p.hacking = possible_hacking(p, base, judges)
     return report
 

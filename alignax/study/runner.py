@@ -132,7 +132,8 @@ class StudyRun:
 
     def _entry(self, p: Point) -> dict[str, Any]:
         entry = dict(name=p.name, arm=p.arm, objective=p.objective, base=p.base, config=p.config_path,
-                     overrides=p.overrides, weights=p.weights, workdir=p.workdir, total_steps=p.total_steps,
+                     overrides=p.overrides, weights=p.weights, targets=list(p.targets), workdir=p.workdir,
+                     total_steps=p.total_steps,
                      state=p.state, command=self.backend.command(None, p.run), step=None, reason=None,
                      exit_code=None, skipped=None, log_tail=None)
         entry.update(self.info[p.name])

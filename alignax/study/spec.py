@@ -10,7 +10,13 @@
     export_best bool                   optional: after the report, export the best joint-front point as a
                                        diffusers pipeline and sample it once in diffusers (alignax.study.best)
     arms      [{name, config: 'experiments/configs/X.py[:ARG]', overrides: {dotted key: value},
-                weights: {rewards: [names], grid: 'simplex:N' | 'dirichlet:N:SEED' | [[w, ...], ...]}}]
+                weights: {rewards: [names], grid: 'simplex:N' | 'dirichlet:N:SEED' | [[w, ...], ...]},
+                targets: [names]}]
+
+An arm's `targets` are the study rewards it is meant to raise: the report gives every point's paired
+gain over the base on them and flags reward hacking against them. Default: for a point with weights, the
+rewards of its largest weight; `targets` names them for an arm that trains on no reward, e.g. `dpo` on
+pairs one reward prefers.
 
 An arm without `weights` is one point; with them, one point per weight vector, which sets
 `pareto.weights` to that vector over `weights.rewards` and to 0 for every other reward its config
@@ -46,7 +52,7 @@ from alignax.study.weights import format_weight, resolve_grid
 BASE = "base"
 BASE_MODULE = "alignax.study.base_point"
 STUDY_FIELDS = ("rewards", "judges", "eval", "overrides", "base", "arms", "export_best")
-ARM_FIELDS = ("name", "config", "overrides", "weights")
+ARM_FIELDS = ("name", "config", "overrides", "weights", "targets")
 WEIGHT_FIELDS = ("rewards", "grid")
 DEFAULT_EVAL = dict(num_prompts=8, seeds=(0,))
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._=+-]*")
@@ -61,6 +67,7 @@ class Arm:
     overrides: dict[str, Any]
     rewards: tuple[str, ...] = ()
     grid: tuple[tuple[float, ...], ...] = ()
+    targets: tuple[str, ...] = ()   # the rewards the arm is meant to raise ('' = its largest weights)
 
 
 @dataclasses.dataclass
@@ -78,6 +85,7 @@ class Point:
     objective: str = ""
     total_steps: int = 0
     state: str = "pending"
+    targets: tuple[str, ...] = ()   # the rewards it is meant to raise (`default_targets` unless the arm names them)
 
     @property
     def run(self) -> Any:
@@ -228,10 +236,11 @@ def _arm(raw: Any, index: int, where: str, rewards: Mapping[str, Any], judges: t
         raise ConfigError(f"{here}: unknown fields {unknown}; an arm has {list(ARM_FIELDS)}")
     config = _config_file(raw.get("config"), f"{here}: config", study_file)
     overrides = _overrides(raw.get("overrides"), f"{here}: overrides")
+    targets = _targets(raw.get("targets"), f"{here}: targets", rewards, judges)
     taken = [k for k in overrides if k == "pareto.weights" or k.startswith("pareto.weights.")]
     weights = raw.get("weights")
     if weights is None:
-        return Arm(name, config, overrides)
+        return Arm(name, config, overrides, targets=targets)
     if taken:
         raise ConfigError(f"{here}: overrides {taken} set the weights that 'weights' sets; remove them")
     if not isinstance(weights, Mapping) or sorted(weights) != sorted(WEIGHT_FIELDS):
@@ -249,7 +258,31 @@ def _arm(raw: Any, index: int, where: str, rewards: Mapping[str, Any], judges: t
     if judged:
         raise ConfigError(f"{here}: weights.rewards trains on {judged}, which the study holds out as judges")
     grid = resolve_grid(weights["grid"], len(names), f"{here}: weights.grid")
-    return Arm(name, config, overrides, tuple(names), grid)
+    return Arm(name, config, overrides, tuple(names), grid, targets)
+
+
+def _targets(raw: Any, where: str, rewards: Mapping[str, Any], judges: tuple[str, ...]) -> tuple[str, ...]:
+    if raw is None:
+        return ()
+    raw = _plain(raw)
+    if isinstance(raw, str) or not isinstance(raw, Sequence) or not raw or not all(isinstance(n, str) for n in raw):
+        raise ConfigError(f"{where}={raw!r}: expected a non-empty list of reward names")
+    unknown = [n for n in raw if n not in rewards]
+    if unknown:
+        raise ConfigError(f"{where} names {unknown}, which are not among the study's rewards {sorted(rewards)}")
+    judged = [n for n in raw if n in judges]
+    if judged:
+        raise ConfigError(f"{where} names {judged}, which the study holds out as judges: a judge is what "
+                          f"a target's gain is checked against, not a target")
+    return tuple(raw)
+
+
+def default_targets(weights: Mapping[str, float]) -> tuple[str, ...]:
+    """A weighted point's targets: the rewards of its largest weight (all of them on a tie)."""
+    if not weights or max(weights.values()) <= 0:
+        return ()
+    top = max(weights.values())
+    return tuple(name for name, w in weights.items() if w == top)
 
 
 def _sanitize(text: str) -> str:
@@ -282,7 +315,8 @@ def resolve(study: Study, root: str) -> list[Point]:
                                   f"{owners[name]}; make the arms or weight vectors distinct")
             owners[name] = label
             overrides = {**study.overrides, **arm.overrides}
-            points.append(Point(name, arm.name, arm.config, overrides, weights, f"{root}/{name}"))
+            points.append(Point(name, arm.name, arm.config, overrides, weights, f"{root}/{name}",
+                                targets=arm.targets or default_targets(weights)))
     return points
 
 

@@ -6,9 +6,11 @@ Every arm starts from the world's sft-pretrained SD3 pipeline and trains LoRA ad
 - `reward_backprop-draft_k`: DRaFT-K (K=1) on (aesthetic, identity, alignment), three weight vectors from
   aesthetic-heavy to identity-heavy — the aesthetic scorer prefers an "ideal" face, which is not the
   requested person's, so the vectors trace the trade-off between the two;
-- `dpo`: Diffusion-DPO on the world's preference pairs (the pairs the aesthetic scorer learnt from);
-- `feature_align`: sft plus the vision-aligned feature loss (the world CLIP's features as targets);
-- `sft`: the same data and steps without it;
+- `dpo`: Diffusion-DPO on the world's preference pairs (the pairs the aesthetic scorer learnt from), so
+  its target is aesthetic;
+- `feature_align`: sft plus the vision-aligned feature loss (the world CLIP's features as targets); its
+  target is alignment, the world CLIP's score;
+- `sft`: the same data and steps without it (target alignment too, for the comparison);
 plus the base point (the pretrained pipeline itself). Held-out judges, trained on by no arm: `realism`
 (how typical the world CLIP finds the samples of held-out real portraits) and `identity_unseen` (the
 identity reward against reference portraits no arm compares with).
@@ -41,8 +43,8 @@ def get_study(arg: str = "") -> dict:
             dict(name="reward_backprop-draft_k", config=f"{CONFIG}:reward_backprop",
                  weights=dict(rewards=["aesthetic", "identity", "alignment"],
                               grid=[[0.8, 0.1, 0.1], [0.45, 0.45, 0.1], [0.1, 0.8, 0.1]])),
-            dict(name="dpo", config=f"{CONFIG}:dpo"),
-            dict(name="feature_align", config=f"{CONFIG}:feature_align"),
-            dict(name="sft", config=f"{CONFIG}:sft"),
+            dict(name="dpo", config=f"{CONFIG}:dpo", targets=["aesthetic"]),
+            dict(name="feature_align", config=f"{CONFIG}:feature_align", targets=["alignment"]),
+            dict(name="sft", config=f"{CONFIG}:sft", targets=["alignment"]),
         ],
     )

@@ -85,7 +85,7 @@ def test_fronts_hypervolumes_equal_cost_and_flags(tmp_path):
 
 
 def _md_rows(text: str) -> dict[str, list[str]]:
-    section = text.split("## Points")[1].split("## Objectives")[0]
+    section = text.split("## Points")[1].split("\n## ")[0]
     rows = [line for line in section.splitlines() if line.startswith("| ")][1:]
     return {cells[0]: cells for cells in ([c.strip() for c in row.strip("|").split("|")] for row in rows)}
 
@@ -310,3 +310,56 @@ def test_best_point_gains_most_over_the_base_per_reward_spread(tmp_path):
     lines = best.front_lines(report)
     assert lines[0].startswith("joint front over (blue, red)") or lines[0].startswith("joint front over (red, blue)")
     assert "dpo-b" not in lines[0] and "rb-b" in lines[0]
+
+
+def _paired_point(name: str, scores: dict[str, np.ndarray], **fields) -> study_report.Point:
+    per_prompt = [dict(index=i, prompt=f"p{i}", rewards={r: float(v[i]) for r, v in scores.items()})
+                  for i in range(len(next(iter(scores.values()))))]
+    evaluation = dict(rewards={r: float(np.mean(v)) for r, v in scores.items()}, per_prompt=per_prompt, **fields)
+    return study_report.Point(name=name, arm=name, objective="base" if name == "base" else "rb", weights={},
+                              state="finished", log_tail="", eval=evaluation)
+
+
+def test_a_target_gain_with_a_judge_loss_is_flagged_even_when_other_trained_rewards_fall():
+    """The portrait study's aesthetic-heavy point raised aesthetic, lowered identity and alignment (which it also
+    trained on, at small weights) and lost on both judges: it was not flagged while the rule asked for a gain on
+    every trained reward. The rule is now a significant gain on a target (by default the largest weights)."""
+    rng = np.random.default_rng(1)
+    base = {r: rng.uniform(0, 1, 12) for r in ("aesthetic", "identity", "realism")}
+    hacked = _paired_point("hacked", {"aesthetic": base["aesthetic"] + 1, "identity": base["identity"] - 0.3,
+                                      "realism": base["realism"] - 0.1},
+                           weights={"aesthetic": 0.8, "identity": 0.2}, trained_rewards=["aesthetic", "identity"])
+    honest = _paired_point("honest", {"aesthetic": base["aesthetic"] - 0.2, "identity": base["identity"] + 0.3,
+                                      "realism": base["realism"] - 0.1},
+                           weights={"aesthetic": 0.2, "identity": 0.8}, trained_rewards=["aesthetic", "identity"])
+    named = _paired_point("named", {"aesthetic": base["aesthetic"] + 1, "identity": base["identity"],
+                                    "realism": base["realism"] - 0.1}, targets=["identity"])
+    base_point = _paired_point("base", base)
+    assert hacked.targets == ["aesthetic"] and honest.targets == ["identity"] and named.targets == ["identity"]
+    assert study_report.possible_hacking(hacked, base_point, ["realism"]) == ["realism"]
+    assert study_report.possible_hacking(honest, base_point, ["realism"]) == ["realism"]  # its target rose too
+    assert study_report.possible_hacking(named, base_point, ["realism"]) == []  # its target did not move
+
+
+def test_gains_table_is_the_paired_bootstrap_of_per_prompt_differences(tmp_path):
+    rng = np.random.default_rng(2)
+    base = {"red": rng.uniform(0, 1, 10), "green": rng.uniform(0, 1, 10)}
+    moved = {"red": base["red"] + rng.normal(0.3, 0.05, 10), "green": base["green"] + rng.normal(0, 0.05, 10)}
+    for name, scores, extra in (("base", base, dict(objective="base")),
+                                ("rb-x", moved, dict(objective="reward_backprop", weights={"red": 1.0},
+                                                     trained_rewards=["red"], targets=["red"]))):
+        (tmp_path / name).mkdir()
+        body = _paired_point(name, scores, **extra).eval
+        body.update(seeds=[0], judges=["green"], cost=dict(steps=0 if name == "base" else 4, flops=1.0))
+        (tmp_path / name / "eval.json").write_text(json.dumps(body))
+    built = study_report.build(str(tmp_path))
+    gain = {p.name: p for p in built.points}["rb-x"].gains
+    low, high = bootstrap_interval(moved["red"] - base["red"])
+    assert (gain["red"].mean, gain["red"].low, gain["red"].high) == pytest.approx(
+        ((moved["red"] - base["red"]).mean(), low, high))
+    assert gain["red"].sign == 1 and gain["green"].sign == 0
+    summary = study_report.write_report(str(tmp_path)).with_name("summary.md").read_text()
+    section = summary.split("## Gains over the base")[1].split("\n## ")[0]
+    row = next(line for line in section.splitlines() if line.startswith("| rb-x"))
+    assert "*" in row.split("|")[1 + built.rewards.index("red") + 1]  # the target is marked
+    assert f"rb-x: raised red (+{(moved['red'] - base['red']).mean():.3g}" in section

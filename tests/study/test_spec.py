@@ -65,6 +65,15 @@ def test_tiny_study_resolves_to_stable_readable_points():
     # An arm's overrides are part of its points' names: changing them makes new points, not a silent resume.
     arm = spec.Arm("rb", RB, {"optim.learning_rate": 0.0003})
     assert spec.point_name(arm, (0.75, 0.25)) == "rb__optim.learning_rate=0.0003__w-0.75-0.25"
+    # Targets: a weighted point's largest weights (ties: all of them); an arm without weights has none.
+    assert [p.targets for p in points[1:4]] == [("red",), ("red", "blue"), ("blue",)]
+    assert points[-1].targets == ()
+
+
+def test_an_arm_names_its_targets(tmp_path):
+    study = spec.load_study(write_study(tmp_path, [{"name": "d", "config": RB, "targets": ["blue"]},
+                                                   {"name": "w", "config": RB, "weights": GRID, "targets": ["red"]}]))
+    assert [p.targets for p in spec.resolve(study, str(tmp_path))] == [(), ("blue",), ("red",), ("red",)]
 
 
 def test_arm_configs_resolve_from_any_directory(tmp_path, monkeypatch):
@@ -103,6 +112,9 @@ GRID = {"rewards": ["red", "blue"], "grid": "simplex:2"}
     ({"name": "bad", "config": RB, "weights": {"rewards": ["red", "purple"], "grid": "simplex:2"}}, "purple"),
     ({"name": "bad", "config": RB, "overrides": {"batch_size": 6}}, "config.batch_size"),
     ({"name": "bad", "config": "GREEN", "weights": None}, "config.pareto.weights.green"),
+    ({"name": "bad", "config": RB, "targets": ["redd"]}, "targets names ['redd']"),
+    ({"name": "bad", "config": RB, "targets": ["green"]}, "holds out as judges"),
+    ({"name": "bad", "config": RB, "targets": "red"}, "targets='red'"),
 ])
 def test_a_bad_arm_is_refused_before_anything_runs(tmp_path, monkeypatch, bad_arm, field):
     def never(*args, **kwargs):
