@@ -53,8 +53,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.divergence = ml_collections.ConfigDict(dict(enabled=False, window=20, loss_factor=100.0, param_norm_factor=10.0,
                                                   param_norm_max=0.0))
 
+    # Multislice: the devices of several TPU slices form one mesh; `dcn_axis` is the axis that spans the
+    # slices (over the data-center network), every other axis stays inside a slice (alignax.mesh.device_grid).
     c.mesh = ml_collections.ConfigDict(dict(
-        shape=(-1, 1, 1), axes=mesh_lib.DEFAULT_AXES,
+        shape=(-1, 1, 1), axes=mesh_lib.DEFAULT_AXES, dcn_axis="data",
         rules=tuple((name, axes) for name, axes in mesh_lib.DEFAULT_RULES)))
 
     c.model = ml_collections.ConfigDict(dict(
@@ -155,6 +157,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     if len(config.mesh.shape) != len(config.mesh.axes):
         raise ConfigError(f"config.mesh.shape={tuple(config.mesh.shape)} and config.mesh.axes="
                           f"{tuple(config.mesh.axes)} differ in length")
+    if config.mesh.get("dcn_axis") and config.mesh.dcn_axis not in config.mesh.axes:
+        raise ConfigError(f"config.mesh.dcn_axis={config.mesh.dcn_axis!r} is not one of config.mesh.axes="
+                          f"{tuple(config.mesh.axes)}")
     if num_devices is not None:
         shape = mesh_lib.resolve_shape(config.mesh.shape, num_devices)
         batch_shards = math.prod(s for s, a in zip(shape, config.mesh.axes, strict=True) if a in ("data", "fsdp"))

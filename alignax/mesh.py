@@ -59,14 +59,43 @@ def resolve_shape(shape: Sequence[int], num_devices: int, field: str = "config.m
     return resolved
 
 
-def make_mesh(shape: Sequence[int] = (-1, 1, 1), axes: Sequence[str] = DEFAULT_AXES,
-              devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A mesh with Auto axis types over `devices` (default: all), reshaped to `shape`."""
-    devices = list(jax.devices() if devices is None else devices)
+def num_slices(devices: Sequence[Any]) -> int:
+    """TPU slices the devices span (their distinct `slice_index`; 1 where devices have none, e.g. CPU)."""
+    return len({getattr(d, "slice_index", 0) for d in devices})
+
+
+def device_grid(shape: Sequence[int], axes: Sequence[str], devices: Sequence[Any],
+                dcn_axis: str | None = "data") -> np.ndarray:
+    """`devices` arranged as the mesh `shape` (one -1 filled in). Over several slices (multislice), the
+    `dcn_axis` spans them: each slice holds a contiguous block of that axis, and every other axis stays
+    inside a slice, on the fast interconnect (jax's `create_hybrid_device_mesh`)."""
     if len(shape) != len(axes):
         raise ConfigError(f"config.mesh.shape={tuple(shape)} and config.mesh.axes={tuple(axes)} differ in length")
     resolved = resolve_shape(shape, len(devices))
-    return Mesh(np.asarray(devices).reshape(resolved), tuple(axes))
+    slices = num_slices(devices)
+    if slices == 1:
+        return np.asarray(devices, dtype=object).reshape(resolved)
+    if dcn_axis not in axes:
+        raise ConfigError(f"config.mesh.dcn_axis={dcn_axis!r}: the devices span {slices} slices, so one of "
+                          f"config.mesh.axes={tuple(axes)} must span them")
+    where = list(axes).index(dcn_axis)
+    if resolved[where] % slices:
+        raise ConfigError(f"config.mesh.shape={tuple(shape)} resolves to {resolved} on {len(devices)} devices in "
+                          f"{slices} slices: axis {dcn_axis!r} (config.mesh.dcn_axis) has size {resolved[where]}, "
+                          f"not a multiple of {slices}; e.g. give it {slices} (data parallel over DCN) and "
+                          f"-1 to an axis inside the slices")
+    ici = [s // slices if i == where else s for i, s in enumerate(resolved)]
+    dcn = [slices if i == where else 1 for i in range(len(resolved))]
+    from jax.experimental import mesh_utils
+    return mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, allow_split_physical_axes=True)
+
+
+def make_mesh(shape: Sequence[int] = (-1, 1, 1), axes: Sequence[str] = DEFAULT_AXES,
+              devices: Sequence[jax.Device] | None = None, dcn_axis: str | None = "data") -> Mesh:
+    """A mesh with Auto axis types over `devices` (default: all), shaped `shape`; multislice-aware
+    (`device_grid`)."""
+    devices = list(jax.devices() if devices is None else devices)
+    return Mesh(device_grid(shape, axes, devices, dcn_axis), tuple(axes))
 
 
 def logical_shardings(logical_specs: Any, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Any:

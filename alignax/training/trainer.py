@@ -73,7 +73,8 @@ class Trainer:
         config_lib.validate(config, mesh.size if mesh is not None else jax.device_count())
         self.config = config
         self.workdir = fs.absolute(workdir)  # a string: Path() would turn gs://b/run into the local gs:/b/run
-        self.mesh = mesh or mesh_lib.make_mesh(config.mesh.shape, config.mesh.axes)
+        self.mesh = mesh or mesh_lib.make_mesh(config.mesh.shape, config.mesh.axes,
+                                               dcn_axis=config.mesh.get("dcn_axis", "data"))
         self.rules = tuple((name, tuple(axes) if isinstance(axes, list) else axes) for name, axes in config.mesh.rules)
         self.is_main = jax.process_index() == 0
         self._preempted = False
