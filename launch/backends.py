@@ -1,4 +1,5 @@
-"""Where a sweep's runs execute: a registry of backends by name ('local', 'tpu_vm').
+"""Where a sweep's or a study's runs execute: a registry of backends by name ('local'; the cloud
+backends 'tpu_vm' and 'xpk' live in launch.tpu_vm and launch.xpk).
 
 A backend turns resolved runs into commands and, unless it is a dry run, executes them.
 Every backend builds the same `python -m alignax.train --config=... --config.k=v --workdir=...`
@@ -63,6 +64,7 @@ class LocalBackend:
     """Subprocesses on this machine, `parallel` at a time; each run logs to WORKDIR/train.log."""
 
     name = "local"
+    remote = False
 
     def __init__(self, *, parallel: int = 1, num_devices: int | None = None, **unused: Any):
         if parallel < 1:
@@ -116,56 +118,18 @@ class LocalBackend:
         return codes
 
 
-class TpuVmBackend:
-    """Runs on a Cloud TPU VM (all workers) through `gcloud compute tpus tpu-vm ssh`, one run at a time."""
-
-    name = "tpu_vm"
-
-    def __init__(self, *, tpu_name: str | None = None, zone: str | None = None, project: str | None = None,
-                 repo_dir: str = "~/alignax", python: str = "python3", num_devices: int | None = None,
-                 **unused: Any):
-        missing = [flag for flag, value in (("--tpu_name", tpu_name), ("--zone", zone)) if not value]
-        if missing:
-            raise ConfigError(f"--backend=tpu_vm needs {missing}")
-        self.tpu_name, self.zone, self.project = tpu_name, zone, project
-        self.repo_dir, self.python = repo_dir, python
-        self._num_devices = num_devices
-
-    def num_devices(self) -> int | None:
-        """The pod's device count from --num_devices; None skips the mesh-divisibility checks."""
-        return self._num_devices
-
-    def remote_command(self, config: str, run: Run) -> str:
-        repo = self.repo_dir if self.repo_dir.startswith("~") else shlex.quote(self.repo_dir)  # let ~ expand
-        return f"cd {repo} && {shlex.join(train_argv(run.config or config, run, python=self.python))}"
-
-    def argv(self, config: str, run: Run) -> list[str]:
-        argv = ["gcloud", "compute", "tpus", "tpu-vm", "ssh", self.tpu_name, f"--zone={self.zone}"]
-        if self.project:
-            argv.append(f"--project={self.project}")
-        return [*argv, "--worker=all", f"--command={self.remote_command(config, run)}"]
-
-    def command(self, config: str, run: Run) -> str:
-        return shlex.join(self.argv(config, run))
-
-    def execute(self, config: str, runs: Sequence[Run], log: Callable[[str], None] = print,
-                on_event: RunEvent | None = None) -> dict[str, int]:
-        codes = {}
-        for run in runs:
-            log(f"[{run.name}] {self.command(config, run)}")
-            if on_event is not None:
-                on_event(run.name, "started", None)
-            codes[run.name] = subprocess.run(self.argv(config, run), check=False).returncode
-            log(f"[{run.name}] exit {codes[run.name]}")
-            if on_event is not None:
-                on_event(run.name, "ended", codes[run.name])
-        return codes
-
-
 BACKENDS: Registry[type] = Registry("backend", field="--backend")
 BACKENDS.register("local", LocalBackend)
-BACKENDS.register("tpu_vm", TpuVmBackend)
+
+
+def _register_cloud_backends() -> None:
+    from launch import tpu_vm, xpk  # they build on this module
+    BACKENDS.register("tpu_vm", tpu_vm.TpuVmBackend)
+    BACKENDS.register("xpk", xpk.XpkBackend)
 
 
 def get(name: str, **options: Any) -> Any:
     return BACKENDS.lookup(name)(**options)
+
+
+_register_cloud_backends()

@@ -22,6 +22,7 @@ each run's status goes into `sweep.json`, and points that ended `diverged`, `non
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import re
@@ -211,13 +212,23 @@ def launch(sweep: str, backend_name: str, *, workdir_root: str | None = None, dr
     """Validates every run, skips finished ones, writes ROOT/sweep.json, then prints (dry run) or executes;
     returns the exit code (1 when a run failed or ended flagged)."""
     config, raw_runs = load_sweep(sweep)
+    stem = Path(sweep.partition(':')[0]).stem
+    if backend_name != "local":
+        backend_options.setdefault("name_prefix", stem)
     backend = backends.get(backend_name, **backend_options)
-    root = workdir_root or f"/tmp/alignax_runs/sweeps/{Path(sweep.partition(':')[0]).stem}"
+    root = workdir_root or f"/tmp/alignax_runs/sweeps/{stem}"
     runs = resolve_runs(raw_runs, root)
+    if getattr(backend, "remote", False):  # ROOT keeps the manifest and logs; the runs train in the bucket
+        if "://" in root:
+            raise ConfigError(f"--workdir_root={root}: with --backend={backend_name} it is this machine's directory "
+                              f"for sweep.json and the logs; the runs train under --bucket")
+        backend.state_dir = root
+        runs = [dataclasses.replace(run, workdir=backend.workdir_for(run.name)) for run in runs]
     num_devices = backend.num_devices()
     configs = validate_runs(config, runs, num_devices)
+    is_finished = getattr(backend, "finished", finished)
     skipped = {} if rerun_finished else {
-        run.name: why for run in runs if (why := finished(run, configs[run.name].total_steps))}
+        run.name: why for run in runs if (why := is_finished(run, configs[run.name].total_steps))}
     todo = [run for run in runs if run.name not in skipped]
     manifest = write_manifest(root, sweep, config, backend, runs, num_devices, skipped=skipped)
     print(f"sweep {sweep}: {len(runs)} runs validated for {num_devices} devices; manifest {manifest}")
@@ -225,12 +236,14 @@ def launch(sweep: str, backend_name: str, *, workdir_root: str | None = None, dr
         print(f"sweep {sweep}: skipped {len(skipped)} finished points (--rerun_finished relaunches them): " +
               "; ".join(f"{name} ({why})" for name, why in skipped.items()))
     if dry_run:
-        for run in todo:
-            print(backend.command(config, run))
+        lines = (backend.dry_run_lines(config, todo) if hasattr(backend, "dry_run_lines")
+                 else [backend.command(config, run) for run in todo])
+        for line in lines:
+            print(line)
         print(f"sweep {sweep}: dry run, nothing started; wrote the manifest {manifest}", file=sys.stderr)
         return 0
     codes = backend.execute(config, todo) if todo else {}
-    statuses = {run.name: read_status(run.workdir) for run in runs}
+    statuses = {run.name: getattr(backend, "read_status", read_status)(run.workdir) for run in runs}
     manifest = write_manifest(root, sweep, config, backend, runs, num_devices, skipped=skipped, statuses=statuses)
     failed = sorted(name for name, code in codes.items() if code != 0)
     flagged = {name: s for name, s in statuses.items() if s and s.get("state") in FLAGGED_STATES}
@@ -247,12 +260,13 @@ def main(argv: list[str]) -> int:
     from absl import flags
     if len(argv) > 1:
         raise ConfigError(f"unexpected arguments {argv[1:]}")
+    from launch import flags as launch_flags
     f = flags.FLAGS
     try:
+        options = launch_flags.options(f)
+        launch_flags.check_local(f.backend, options)
         return launch(f.sweep, f.backend, workdir_root=f.workdir_root, dry_run=f.dry_run,
-                      rerun_finished=f.rerun_finished, parallel=f.parallel,
-                      num_devices=f.num_devices, tpu_name=f.tpu_name, zone=f.zone, project=f.project,
-                      repo_dir=f.repo_dir, python=f.python)
+                      rerun_finished=f.rerun_finished, parallel=f.parallel, **options)
     except ConfigError as e:
         print(f"sweep {f.sweep}: {e}", file=sys.stderr)
         return 2
@@ -263,21 +277,15 @@ def cli() -> None:
     from absl import flags
 
     from alignax import cli as cli_lib
+    from launch import flags as launch_flags
 
     flags.DEFINE_string("sweep", None, "experiments/sweeps/NAME.py[:ARG] defining get_sweep()")
-    flags.DEFINE_enum("backend", "local", sorted(backends.BACKENDS), "where the runs execute")
+    launch_flags.define()
     flags.DEFINE_string("workdir_root", None, "run NAME trains in ROOT/NAME (default /tmp/alignax_runs/sweeps/<sweep>)")
     flags.DEFINE_bool("dry_run", False, "validate and print the commands, run nothing")
     flags.DEFINE_bool("rerun_finished", False, "relaunch points whose status.json says finished or whose final "
                                                "checkpoint is complete (skipped by default)")
-    flags.DEFINE_integer("num_devices", None, "devices per run for validation (local: probed; tpu_vm: give it "
-                                              "to check batch/mesh divisibility)")
     flags.DEFINE_integer("parallel", 1, "local: runs at a time")
-    flags.DEFINE_string("tpu_name", None, "tpu_vm: the TPU VM name")
-    flags.DEFINE_string("zone", None, "tpu_vm: its zone")
-    flags.DEFINE_string("project", None, "tpu_vm: its GCP project (default: gcloud's)")
-    flags.DEFINE_string("repo_dir", "~/alignax", "tpu_vm: the repository checkout on every worker")
-    flags.DEFINE_string("python", "python3", "tpu_vm: the Python on the workers")
     flags.mark_flags_as_required(["sweep"])
     cli_lib.run_main(main)
 

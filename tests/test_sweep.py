@@ -87,26 +87,26 @@ def test_local_dry_run_prints_the_train_commands_and_writes_the_manifest(tmp_pat
     assert sorted(p.name for p in root.iterdir()) == ["sweep.json"]  # a dry run starts nothing
 
 
-def test_tpu_vm_dry_run_builds_gcloud_ssh_commands(tmp_path, capsys):
+def test_a_cloud_sweep_dry_run_prints_the_plan_and_trains_in_the_bucket(tmp_path, capsys, monkeypatch):
+    from launch import bundle
+    monkeypatch.setattr(bundle, "describe", lambda repo=None, allow_dirty=False: bundle.Bundle("ab" * 20, False,
+                                                                                                 "alignax-abab.tar.gz"))
     config = "experiments/configs/sft_tiny.py:lora"
     runs = [{"name": "a", "seed": 0}, {"name": "b", "seed": 1, "data.path": "/mnt/disks/data/my set"}]
     code = sweep.launch(write_sweep(tmp_path, config, runs), "tpu_vm", workdir_root=str(tmp_path / "runs"),
-                        dry_run=True, tpu_name="pod-1", zone="us-central2-b", project="my-proj", num_devices=8,
-                        repo_dir="~/alignax", python="python3")
+                        dry_run=True, tpu_type="v5litepod-8", zone="us-central2-b", project="my-proj",
+                        bucket="gs://b/sweeps")
     assert code == 0
-    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("gcloud")]
-    assert len(lines) == 2
-    for line, (name, extra) in zip(lines, [("a", []), ("b", ["--config.data.path=/mnt/disks/data/my set"])],
-                                   strict=True):
-        argv = shlex.split(line)
-        assert argv[:9] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "pod-1", "--zone=us-central2-b",
-                            "--project=my-proj", "--worker=all"]
-        assert len(argv) == 10 and argv[9].startswith("--command=cd ~/alignax && ")
-        remote = shlex.split(argv[9].removeprefix("--command=cd ~/alignax && "))
-        assert remote == ["python3", "-m", "alignax.train", f"--config={config}",
-                          f"--config.seed={0 if name == 'a' else 1}", *extra, f"--workdir={tmp_path}/runs/{name}"]
+    out = capsys.readouterr().out
+    runs_lines = [line for line in out.splitlines() if "alignax.train" in line]
+    assert len(runs_lines) == 2
+    remote = shlex.split(shlex.split(runs_lines[1])[-1].removeprefix("--command=").split(" && ", 1)[1])
+    assert remote == ["python3", "-m", "alignax.train", f"--config={config}", "--config.seed=1",
+                      "--config.data.path=/mnt/disks/data/my set", "--workdir=gs://b/sweeps/my-sweep/b"]
+    manifest = json.loads((tmp_path / "runs" / "sweep.json").read_text())
+    assert [r["workdir"] for r in manifest["runs"]] == ["gs://b/sweeps/my-sweep/a", "gs://b/sweeps/my-sweep/b"]
     with pytest.raises(ConfigError, match="--zone"):
-        backends.get("tpu_vm", tpu_name="pod-1")
+        backends.get("tpu_vm", tpu_type="v5p-8", bucket="gs://b")
 
 
 @pytest.mark.parametrize("bad_run, field", [

@@ -54,11 +54,27 @@ def finish(study: spec.Study, root: str) -> None:
 def run_study(study_spec: str, root: str, *, backend_name: str = "local", parallel: int = 1,
               dry_run: bool = False, report_only: bool = False, rerun_finished: bool = False,
               progress_every: float = 5.0, **backend_options: Any) -> int:
-    """The whole command; returns the exit code (1 when a point did not finish)."""
+    """The whole command; returns the exit code (1 when a point did not finish).
+
+    With a cloud backend (`tpu_vm`, `xpk`), ROOT stays on this machine (study.json, launch.json, the
+    points' logs, the collected results and the report), the points train in the bucket
+    (`backend.workdir_for`), each point is evaluated on its workers right after training, and the
+    results are collected into ROOT before the report is built."""
     from launch import backends
     study = spec.load_study(study_spec)
     points = spec.resolve(study, root)
+    if backend_name != "local":
+        backend_options.setdefault("name_prefix", study.name)
     backend = backends.get(backend_name, parallel=parallel, **backend_options)
+    remote = getattr(backend, "remote", False)
+    if remote:
+        if "://" in root:
+            raise ConfigError(f"--workdir={root}: with --backend={backend_name} the workdir is this machine's "
+                              f"study root (study.json, logs, report); the points train under --bucket")
+        backend.state_dir = root
+        backend.evaluation_study = study_spec
+        for point in points:
+            point.workdir = backend.workdir_for(point.name)
     num_devices = None if report_only else backend.num_devices()
     configs = spec.validate(study, points, num_devices)  # before anything starts: a bad point stops the study here
     work = runner.StudyRun(study, points, root, backend, num_devices=num_devices)
@@ -74,19 +90,26 @@ def run_study(study_spec: str, root: str, *, backend_name: str = "local", parall
         return 0
     if dry_run:
         manifest = work.write_manifest()
-        for point in points:
-            if point.state != "finished":
+        todo = [point for point in points if point.state != "finished"]
+        if hasattr(backend, "dry_run_lines"):
+            for line in backend.dry_run_lines(None, [p.run for p in todo]):
+                print(line)
+        else:
+            for point in todo:
                 print(backend.command(None, point.run))
         print(f"{label}: dry run, nothing started; wrote {manifest}", file=sys.stderr)
         return 0
-    from alignax.data import setup as data_setup
-    for generate in sorted({c.data.get("generate", "") for c in configs.values()} & set(data_setup.SHARED)):
-        print(f"{label}: preparing the {generate} datasets the points share", file=sys.stderr)
-        data_setup.prepare_shared(generate)  # once here, not raced by parallel points
+    if not remote:
+        from alignax.data import setup as data_setup
+        for generate in sorted({c.data.get("generate", "") for c in configs.values()} & set(data_setup.SHARED)):
+            print(f"{label}: preparing the {generate} datasets the points share", file=sys.stderr)
+            data_setup.prepare_shared(generate)  # once here, not raced by parallel points
     states = work.execute(progress_every=progress_every)
     manifest = work.manifest_path
-    index = evaluate_and_report(study, points, root)
-    if index is not None:
+    if remote:
+        backend.collect([p.name for p in points], root, log=lambda m: print(m, file=sys.stderr))
+    index = evaluate_and_report(study, points, root, evaluate=not remote)
+    if index is not None and not remote:
         finish(study, root)
     not_finished = sorted(name for name, state in states.items() if state != "finished")
     finished = len(points) - len(not_finished)
@@ -100,10 +123,13 @@ def main(argv: list[str]) -> int:
     from absl import flags
     if len(argv) > 1:
         raise ConfigError(f"unexpected arguments {argv[1:]}")
+    from launch import flags as launch_flags
     f = flags.FLAGS
+    options = launch_flags.options(f)
+    launch_flags.check_local(f.backend, options)
     return run_study(f.study, f.workdir, backend_name=f.backend, parallel=f.parallel, dry_run=f.dry_run,
                      report_only=f.report_only, rerun_finished=f.rerun_finished, progress_every=f.progress_every,
-                     num_devices=f.num_devices, tpu_name=f.tpu_name, zone=f.zone, project=f.project)
+                     **options)
 
 
 def cli() -> None:
@@ -111,19 +137,16 @@ def cli() -> None:
     from absl import flags
 
     from alignax import cli as cli_lib
-    from launch import backends
+    from launch import flags as launch_flags
 
     flags.DEFINE_string("study", None, "experiments/studies/NAME.py[:ARG] defining get_study()")
-    flags.DEFINE_string("workdir", None, "ROOT: point P trains in ROOT/P; ROOT/study.json, ROOT/report/")
-    flags.DEFINE_enum("backend", "local", sorted(backends.BACKENDS), "where the points train")
+    flags.DEFINE_string("workdir", None, "ROOT: point P trains in ROOT/P (cloud backends: under --bucket); "
+                                         "ROOT/study.json, ROOT/report/")
+    launch_flags.define()
     flags.DEFINE_integer("parallel", 1, "local: points trained at a time")
     flags.DEFINE_bool("dry_run", False, "validate, write ROOT/study.json and print the commands; run nothing")
     flags.DEFINE_bool("report_only", False, "rebuild the report from ROOT; train and evaluate nothing")
     flags.DEFINE_bool("rerun_finished", False, "relaunch the points that are finished")
     flags.DEFINE_float("progress_every", 10.0, "seconds between progress lines (0: only at starts and ends)")
-    flags.DEFINE_integer("num_devices", None, "devices per point for validation (local: probed)")
-    flags.DEFINE_string("tpu_name", None, "tpu_vm: the TPU VM name")
-    flags.DEFINE_string("zone", None, "tpu_vm: its zone")
-    flags.DEFINE_string("project", None, "tpu_vm: its GCP project (default: gcloud's)")
     flags.mark_flags_as_required(["study", "workdir"])
     cli_lib.run_main(main)

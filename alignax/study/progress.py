@@ -12,6 +12,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, TextIO
 
 from alignax import fs
+from alignax.errors import ConfigError
 
 TAIL_BYTES = 64 * 1024
 DONE_STATES = ("finished",)
@@ -30,7 +31,7 @@ def read_step(workdir: str) -> tuple[int | None, float | None]:
             size = f.tell()
             f.seek(max(0, size - TAIL_BYTES))
             lines = f.read().decode("utf-8", "replace").splitlines()
-    except OSError:
+    except (OSError, ConfigError):  # not written yet, or a bucket this machine cannot read (a cloud study)
         return None, None
     step = speed = None
     for line in lines:
@@ -53,22 +54,22 @@ def format_seconds(seconds: float) -> str:
     return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
 
 
-def running_line(name: str, workdir: str, total_steps: int) -> str:
-    """`NAME step 12/20 ETA 40s` (or `NAME starting` before its first step)."""
+def running_line(name: str, workdir: str, total_steps: int, phase: str | None = None) -> str:
+    """`NAME step 12/20 ETA 40s` (or `NAME starting`, or a cloud backend's phase, before its first step)."""
     step, speed = read_step(workdir)
     if step is None:
-        return f"{name} starting"
+        return f"{name} {phase or 'starting'}"
     eta = f" ETA {format_seconds((total_steps - step) / speed)}" if speed and total_steps > step else ""
     return f"{name} step {step}/{total_steps}{eta}"
 
 
-def summary_line(states: Mapping[str, str], running: Mapping[str, tuple[str, int]]) -> str:
+def summary_line(states: Mapping[str, str], running: Mapping[str, tuple]) -> str:
     """`3/9 done, 2 running, 1 failed, 9 total | a step 4/20 ETA 12s | b starting`."""
     values = list(states.values())
     done = sum(s in DONE_STATES for s in values)
     failed = sum(s in FAILED_STATES for s in values)
     head = f"{done}/{len(values)} done, {len(running)} running, {failed} failed, {len(values)} total"
-    return " | ".join([head, *(running_line(name, workdir, total) for name, (workdir, total) in running.items())])
+    return " | ".join([head, *(running_line(name, *entry) for name, entry in running.items())])
 
 
 class Display:

@@ -94,11 +94,13 @@ class StudyRun:
         """Marks the points that are done as `finished`; returns {name: why}."""
         from launch import sweep
         skipped = {}
+        finished = getattr(self.backend, "finished", sweep.finished)  # a cloud backend reads its bucket
+        read_status = getattr(self.backend, "read_status", sweep.read_status)
         for point in self.points:
-            why = None if rerun_finished else sweep.finished(point.run, point.total_steps)
+            why = None if rerun_finished else finished(point.run, point.total_steps)
             if why:
                 point.state = "finished"
-                status = sweep.read_status(point.workdir) or {}
+                status = read_status(point.workdir) or {}
                 self.info[point.name].update(skipped=why, step=status.get("step", point.total_steps),
                                              reason=status.get("reason", ""))
                 skipped[point.name] = why
@@ -126,6 +128,7 @@ class StudyRun:
                 num_devices=self.num_devices,
                 rewards={name: cfg.to_dict() for name, cfg in self.study.rewards.items()},
                 judges=list(self.study.judges), eval=self.study.eval.to_dict(),
+                backend_options=self.backend.options() if hasattr(self.backend, "options") else {},
                 points=[self._entry(p) for p in self.points])
             fs.write_text_atomic(self.manifest_path, json.dumps(manifest, indent=2, default=str) + "\n")
         return self.manifest_path
@@ -139,11 +142,14 @@ class StudyRun:
         entry.update(self.info[p.name])
         return entry
 
-    def snapshot(self) -> tuple[dict[str, str], dict[str, tuple[str, int]]]:
-        """(state by point, {running point: (workdir, total_steps)}) for the progress display."""
+    def snapshot(self) -> tuple[dict[str, str], dict[str, tuple[str, int, str | None]]]:
+        """(state by point, {running point: (workdir, total_steps, phase)}) for the progress display; a cloud
+        backend's phase (queued, provisioning, running, re-queued) shows until the step is readable."""
+        records = getattr(self.backend, "records", {})
         with self._lock:
             states = {p.name: p.state for p in self.points}
-            running = {p.name: (p.workdir, p.total_steps) for p in self.points if p.state == "running"}
+            running = {p.name: (p.workdir, p.total_steps, records.get(p.name, {}).get("state"))
+                       for p in self.points if p.state == "running"}
         return states, running
 
     def on_event(self, name: str, event: str, code: int | None) -> None:
@@ -160,9 +166,12 @@ class StudyRun:
             self.display.show(force=True)
 
     def _finish(self, point: Point, code: int | None) -> None:
-        status = _status_written_since(point.workdir, self._started.get(point.name))
+        if hasattr(self.backend, "read_status"):  # a cloud backend: the bucket's status.json, its local log
+            status, tail_of = self.backend.read_status(point.workdir), self.backend.log_tail
+        else:
+            status, tail_of = _status_written_since(point.workdir, self._started.get(point.name)), log_tail
         point.state, reason = final_state(code, status, point.total_steps)
-        tail = None if point.state == "finished" else log_tail(point.workdir)
+        tail = None if point.state == "finished" else tail_of(point.workdir)
         self.info[point.name].update(exit_code=code, reason=reason, log_tail=tail,
                                      step=(status or {}).get("step"))
         if point.state != "finished":
