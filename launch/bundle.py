@@ -33,20 +33,20 @@ def _git(repo: Path, *args: str) -> str:
     if done.returncode:
         raise ConfigError(f"git {' '.join(args)} in {repo} failed: {done.stderr.strip()[-300:]} "
                           f"(the TPU backends ship the repository's commit to the workers)")
-    return done.stdout.strip()
+    return done.stdout.rstrip("\n")
 
 
 def describe(repo: Path = REPO_ROOT, allow_dirty: bool = False) -> Bundle:
     """What `create` would archive; ConfigError listing the changed files of a dirty tree without `allow_dirty`."""
     changed = _git(repo, "status", "--porcelain", "--untracked-files=no")
-    head = _git(repo, "rev-parse", "HEAD")
+    head = _git(repo, "rev-parse", "HEAD").strip()
     if not changed:
         return Bundle(head, False, f"alignax-{head[:12]}.tar.gz")
     if not allow_dirty:
         files = ", ".join(line[3:] for line in changed.splitlines()[:10])
         raise ConfigError(f"{repo} has uncommitted changes ({files}): commit them, or pass --allow_dirty to ship "
                           f"the working tree as it is")
-    stash = _git(repo, "stash", "create") or head
+    stash = _git(repo, "stash", "create").strip() or head
     return Bundle(stash, True, f"alignax-{stash[:12]}-dirty.tar.gz")
 
 

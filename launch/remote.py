@@ -233,9 +233,9 @@ class RemoteBackend:
 
     def execute(self, config: str | None, runs: Sequence[backends.Run], log: Callable[[str], None] = print,
                 on_event: backends.RunEvent | None = None) -> dict[str, int]:
-        """Confirms, prepares, then drives every point, `max_parallel` at a time; {point: exit code}."""
+        """Prepares (the code bundle), then drives every point, `max_parallel` at a time; {point: exit code}.
+        The caller confirms the plan first (`confirm`)."""
         runs = list(runs)
-        self.confirm(runs, log)
         self.prepare(log)
         pending, codes, lock = list(runs), {}, threading.Lock()
 

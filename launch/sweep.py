@@ -242,6 +242,8 @@ def launch(sweep: str, backend_name: str, *, workdir_root: str | None = None, dr
             print(line)
         print(f"sweep {sweep}: dry run, nothing started; wrote the manifest {manifest}", file=sys.stderr)
         return 0
+    if todo and getattr(backend, "remote", False):
+        backend.confirm(todo, lambda m: print(m, file=sys.stderr))  # the plan and a yes before anything is requested
     codes = backend.execute(config, todo) if todo else {}
     statuses = {run.name: getattr(backend, "read_status", read_status)(run.workdir) for run in runs}
     manifest = write_manifest(root, sweep, config, backend, runs, num_devices, skipped=skipped, statuses=statuses)

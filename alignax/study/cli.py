@@ -99,7 +99,9 @@ def run_study(study_spec: str, root: str, *, backend_name: str = "local", parall
                 print(backend.command(None, point.run))
         print(f"{label}: dry run, nothing started; wrote {manifest}", file=sys.stderr)
         return 0
-    if not remote:
+    if remote:  # the plan (chips × hours) and a yes before anything is requested
+        backend.confirm([p.run for p in points if p.state != "finished"], lambda m: print(m, file=sys.stderr))
+    else:
         from alignax.data import setup as data_setup
         for generate in sorted({c.data.get("generate", "") for c in configs.values()} & set(data_setup.SHARED)):
             print(f"{label}: preparing the {generate} datasets the points share", file=sys.stderr)

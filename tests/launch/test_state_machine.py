@@ -144,6 +144,16 @@ def test_status_collect_and_a_delete_that_only_touches_labelled_resources(tmp_pa
     assert not any(c[5] in ("someone-else", "tiny-lookalike") for c in deletes)
 
 
+def test_nothing_is_requested_before_the_plan_is_confirmed(tmp_path, fake_cloud, capsys):
+    study = str(REPO_ROOT / "experiments/studies/tiny.py")
+    with pytest.raises(ConfigError, match="not submitting without confirmation; pass --yes"):
+        study_cli.run_study(study, str(tmp_path / "root"), backend_name="tpu_vm", tpu_type="v5litepod-8", zone="z1",
+                            bucket=BUCKET, max_hours=2.0)
+    err = capsys.readouterr().err
+    assert "requested: 8 chips × 2 h × 13 points = 208 chip-hours at most" in err
+    assert all(call[:3] == ["gcloud", "storage", "cat"] for call in fake_cloud.calls())  # read-only
+
+
 def _points(study: str, root: Path):
     from alignax.study import spec
     return spec.resolve(spec.load_study(study), str(root))
