@@ -48,7 +48,7 @@ def build(objective_config: ml_collections.ConfigDict, models: Models, run: RunS
 
 
 # Importing each objective registers it; they import `register` from above, so this comes last.
-from alignax.objectives import dpo, feature_align, reward_backprop, sft  # noqa: E402,F401
+from alignax.objectives import dpo, feature_align, grpo, reward_backprop, sft  # noqa: E402,F401
 
 __all__ = ["Models", "Objective", "ObjectiveSpec", "REGISTRY", "RunSettings", "build", "get", "register",
            "validate_config"]

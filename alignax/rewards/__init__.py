@@ -12,6 +12,7 @@ Importing this package registers every reward.
 
 from alignax.rewards import (
     aesthetic,  # noqa: F401  (registers aesthetic)
+    attributes,  # noqa: F401  (registers attribute_match: non-differentiable, on the host)
     clip_score,  # noqa: F401  (registers clip_score)
     hpsv2,  # noqa: F401  (registers hpsv2, hpsv2.1)
     identity,  # noqa: F401  (registers identity, identity_aesthetic)
