@@ -6,6 +6,7 @@ Arms (all from the same random tiny MM-DiT, seed 0, so the base point is every a
 - `reward_backprop` (full backprop through the sampler), `reward_backprop-draft_k` (DRaFT-K) and
   `reward_backprop-mgda` (full, gradient-balanced instead of the weighted sum): red share against blue share
   (`channel_share` 0 / 2), three weight vectors each (simplex lattice: 1-0, 0.5-0.5, 0-1);
+- `grpo` (Flow-GRPO, online RL: group-relative advantages of the same weighted rewards), three weight vectors;
 - `dpo`, `feature_align` and `sft`: one point each (they train on no reward).
 Held-out judges: `green` (green share, which both training rewards push down) and `brightness`.
 
@@ -34,6 +35,7 @@ def get_study(arg: str = "") -> dict:
             dict(name="reward_backprop-draft_k", config=f"{CONFIGS}/reward_backprop_tiny.py:draft_k",
                  weights=weights),
             dict(name="reward_backprop-mgda", config=f"{CONFIGS}/reward_backprop_tiny.py:mgda", weights=weights),
+            dict(name="grpo", config=f"{CONFIGS}/grpo_tiny.py", weights=weights),
             dict(name="dpo", config=f"{CONFIGS}/dpo_tiny.py"),
             dict(name="feature_align", config=f"{CONFIGS}/feature_align_tiny.py"),
             dict(name="sft", config=f"{CONFIGS}/sft_tiny.py"),

@@ -150,7 +150,7 @@ def test_nothing_is_requested_before_the_plan_is_confirmed(tmp_path, fake_cloud,
         study_cli.run_study(study, str(tmp_path / "root"), backend_name="tpu_vm", tpu_type="v5litepod-8", zone="z1",
                             bucket=BUCKET, max_hours=2.0)
     err = capsys.readouterr().err
-    assert "requested: 8 chips × 2 h × 13 points = 208 chip-hours at most" in err
+    assert "requested: 8 chips × 2 h × 16 points = 256 chip-hours at most" in err
     assert all(call[:3] == ["gcloud", "storage", "cat"] for call in fake_cloud.calls())  # read-only
 
 

@@ -49,13 +49,15 @@ def test_tiny_study_resolves_to_stable_readable_points():
                      "reward_backprop__w-1-0", "reward_backprop__w-0.5-0.5", "reward_backprop__w-0-1",
                      "reward_backprop-draft_k__w-1-0", "reward_backprop-draft_k__w-0.5-0.5",
                      "reward_backprop-draft_k__w-0-1", "reward_backprop-mgda__w-1-0",
-                     "reward_backprop-mgda__w-0.5-0.5", "reward_backprop-mgda__w-0-1", "dpo", "feature_align", "sft"]
+                     "reward_backprop-mgda__w-0.5-0.5", "reward_backprop-mgda__w-0-1", "grpo__w-1-0", "grpo__w-0.5-0.5",
+                     "grpo__w-0-1", "dpo", "feature_align", "sft"]
     assert names == [p.name for p in spec.resolve(spec.load_study(TINY), "/root")]  # same on every re-run
     assert points[2].workdir == "/root/reward_backprop__w-0.5-0.5" and points[2].weights == {"red": 0.5, "blue": 0.5}
     assert study.judges == ("green", "brightness") and set(study.rewards) == {"red", "blue", "green", "brightness"}
     configs = spec.validate(study, points, num_devices=1)
-    assert [p.objective for p in points] == ["base"] + ["reward_backprop"] * 9 + ["dpo", "feature_align", "sft"]
-    assert [p.total_steps for p in points] == [0] + [8] * 12
+    assert [p.objective for p in points] == (["base"] + ["reward_backprop"] * 9 + ["grpo"] * 3
+                                             + ["dpo", "feature_align", "sft"])
+    assert [p.total_steps for p in points] == [0] + [8] * 15
     first = configs["reward_backprop__w-1-0"]
     assert (first.pareto.weights.red, first.pareto.weights.blue, first.objective.mode) == (1.0, 0.0, "full")
     assert configs["reward_backprop-draft_k__w-0-1"].objective.mode == "draft_k"
