@@ -32,14 +32,14 @@ def evaluate_and_report(study: spec.Study, points: list[spec.Point], root: str, 
     return Path(report.write_report(root))
 
 
-def finish(study: spec.Study, root: str) -> None:
-    """The front in a few lines; with the study's `export_best`, its best point exported as a diffusers
-    pipeline and sampled once by diffusers (alignax.study.best)."""
+def finish(study: spec.Study, root: str, *, export: bool = True) -> None:
+    """The front in a few lines; with the study's `export_best` (and `export`), its best point exported as a
+    diffusers pipeline and sampled once by diffusers (alignax.study.best)."""
     from alignax.study import best, report
     built = report.build(root)
     for line in best.front_lines(built):
         print(line)
-    if not study.export_best:
+    if not (study.export_best and export):
         return
     point = best.best_point(built)
     if point is None:
@@ -111,8 +111,8 @@ def run_study(study_spec: str, root: str, *, backend_name: str = "local", parall
     if remote:
         backend.collect([p.name for p in points], root, log=lambda m: print(m, file=sys.stderr))
     index = evaluate_and_report(study, points, root, evaluate=not remote)
-    if index is not None and not remote:
-        finish(study, root)
+    if index is not None:
+        finish(study, root, export=not remote)  # a cloud study's best point: `python -m alignax.export` on its workdir
     not_finished = sorted(name for name, state in states.items() if state != "finished")
     finished = len(points) - len(not_finished)
     print(f"{label}: {finished}/{len(points)} points finished" +
