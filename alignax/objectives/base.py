@@ -90,6 +90,7 @@ class RunSettings:
     shift: float = 3.0
     guidance_scale: float = 1.0
     pareto: Mapping[str, Any] | None = None
+    batch_size: int = 0  # the global batch of one step (`config.batch_size`)
 
     @classmethod
     def from_config(cls, config: ml_collections.ConfigDict) -> RunSettings:
@@ -97,19 +98,23 @@ class RunSettings:
         names = list(config.rewards.keys())
         resolved = pareto.resolve_config(config.pareto, names) if names else None
         sample = config.sample
-        return cls(int(sample.num_steps), float(sample.shift), float(sample.guidance_scale), resolved)
+        return cls(int(sample.num_steps), float(sample.shift), float(sample.guidance_scale), resolved,
+                   int(config.batch_size))
 
 
 @dataclasses.dataclass(frozen=True)
 class Objective:
     """A built objective. `data` names the dataset kind it trains on; `heads` (optional) creates
-    extra trainable params with their logical specs; `init_state` creates objective state."""
+    extra trainable params with their logical specs; `init_state` creates objective state;
+    `batch_period` steps in a row get the same data batch (`batch_at(step // batch_period)`): an objective
+    that updates several times on one sampled batch (grpo's `inner_epochs`)."""
 
     loss: LossFn
     data: str = "captioned_images"
     needs_reference: bool = False
     init_heads: Callable[[jax.Array], tuple[PyTree, PyTree]] | None = None
     init_state: Callable[[PyTree, PyTree], PyTree] = lambda trainable, frozen: {}
+    batch_period: int = 1
 
 
 @dataclasses.dataclass(frozen=True)

@@ -21,8 +21,12 @@ each SDE step's log-probability under the params being trained:
         + kl_beta · mean of ‖mean_θ − mean_ref‖² / (2 std²)   (against the frozen start model)
 
 With `inner_epochs` = 1 each sampled batch gets one update, so ρ = 1 and the gradient is REINFORCE with group
-advantages (the clip never binds; it matters once samples are reused). The sampled batch and its noise are
-functions of the step (`alignax.rng`), so a resumed run equals an uninterrupted one.
+advantages (the clip never binds). With `inner_epochs` = μ > 1, a batch is sampled on every μ-th step and its
+trajectory (latents of the SDE steps, old log-probabilities, advantages, rewards) is kept in the objective
+state for the next μ − 1 updates, which see the same data batch (`Objective.batch_period`); then ρ ≠ 1 and the
+clip binds. The sampled batch and its noise are functions of the step (`alignax.rng`) and the buffer is
+checkpointed with the state, so a resumed run equals an uninterrupted one wherever it stops. With μ > 1 the
+logged reward metrics are the buffer's (raw means, scalarised mean), without the normalisation's diagnostics.
 """
 
 from __future__ import annotations
@@ -89,12 +93,14 @@ def group_advantages(rewards: jax.Array, group_size: int, *, eps: float = 1e-4, 
 
 
 def clipped_policy_loss(log_p: jax.Array, log_p_old: jax.Array, advantages: jax.Array, clip_range: float
-                        ) -> tuple[jax.Array, jax.Array]:
-    """(mean of max(−A·ρ, −A·clip(ρ)), fraction of samples where the clip binds)."""
+                        ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(mean of max(−A·ρ, −A·clip(ρ)), fraction of samples with ρ outside [1 − ε, 1 + ε], max |ρ − 1|)."""
     ratio = jnp.exp(log_p - log_p_old)
     unclipped = -advantages * ratio
     clipped = -advantages * jnp.clip(ratio, 1.0 - clip_range, 1.0 + clip_range)
-    return jnp.mean(jnp.maximum(unclipped, clipped)), jnp.mean((jnp.abs(ratio - 1.0) > clip_range).astype(jnp.float32))
+    deviation = jax.lax.stop_gradient(jnp.abs(ratio - 1.0))
+    return (jnp.mean(jnp.maximum(unclipped, clipped)), jnp.mean((deviation > clip_range).astype(jnp.float32)),
+            jnp.max(deviation))
 
 
 # ---- config --------------------------------------------------------------------------------------
@@ -128,9 +134,10 @@ def check_fields(cfg: ml_collections.ConfigDict, config: ml_collections.ConfigDi
     """Every field, from the config alone (run by `config.validate`)."""
     _integer(cfg, "group_size", 2)
     inner = _integer(cfg, "inner_epochs", 1)
-    if inner != 1:
-        raise ConfigError(f"config.objective.inner_epochs={inner}: only 1 is supported (one update per sampled "
-                          f"batch); reusing a batch needs its trajectory kept in the objective state")
+    if inner > 1 and config.grad_accum_steps != 1:
+        raise ConfigError(f"config.objective.inner_epochs={inner} with config.grad_accum_steps="
+                          f"{config.grad_accum_steps}: reusing a sampled batch keeps the whole batch's trajectory in "
+                          f"the objective state, so it needs grad_accum_steps=1")
     _integer(cfg, "train_num_steps", 0)
     steps = train_steps(cfg, config.sample.num_steps)
     for field in ("noise_level", "clip_range", "adv_eps", "adv_clip_max"):
@@ -156,6 +163,9 @@ def build(cfg: ml_collections.ConfigDict, models: base.Models, run: base.RunSett
     start, end = window(cfg, num_steps)
     sigma_after_one = jnp.float32(sigmas[1])
     group, names, use_reference = int(cfg.group_size), list(models.rewards), cfg.kl_beta > 0
+    inner = int(cfg.inner_epochs)
+    if inner > 1 and run.batch_size < 1:
+        raise ConfigError("grpo: inner_epochs > 1 needs RunSettings.batch_size (RunSettings.from_config(config))")
     sde_pairs = jnp.stack([jnp.asarray(sigmas[start:end], jnp.float32), jnp.asarray(sigmas[start + 1:end + 1],
                                                                                   jnp.float32)], axis=-1)
 
@@ -175,10 +185,9 @@ def build(cfg: ml_collections.ConfigDict, models: base.Models, run: base.RunSett
         x = traj.run_frozen(models.velocity, params, x, sigmas[end:], cond)
         return jax.lax.stop_gradient((x, xs, xs_next, log_p_old))
 
-    def loss(trainable, frozen, state, batch, rng):
+    def sample(params, frozen, pareto_state, batch, cond, rng):
+        """A new group of trajectories: (buffer, new pareto state, the rewards' metrics)."""
         noise_rng, sde_rng = jax.random.split(rng)
-        params = models.transformer_params(trainable, frozen)
-        cond = guidance.conditioning(batch, run.guidance_scale).tile(group)
         noise = jax.random.normal(noise_rng, models.latent_shape(cond.context.shape[0]), jnp.float32)
         x0, xs, xs_next, log_p_old = rollout(params, noise, cond, sde_rng)
         images = models.decode(frozen, x0)
@@ -186,42 +195,79 @@ def build(cfg: ml_collections.ConfigDict, models: base.Models, run: base.RunSett
         raw, reward_info = {}, {}
         for name in names:
             scores, extra = models.rewards[name].apply(frozen["rewards"][name], images, tiled)
-            raw[name] = jax.lax.stop_gradient(scores)
+            raw[name] = jax.lax.stop_gradient(scores.astype(jnp.float32))
             reward_info.update(reward_base.info_metrics(name, extra))
-        per_sample, info, new_state = pareto.multi_reward_loss(raw, state, **pareto_kwargs)
-        advantages = jax.lax.stop_gradient(group_advantages(-per_sample, group, eps=cfg.adv_eps,
-                                                            global_std=cfg.global_std, clip=cfg.adv_clip_max))
-        ref = models.reference_params(trainable, frozen) if use_reference else None
+        per_sample, info, new_pareto = pareto.multi_reward_loss(raw, pareto_state, **pareto_kwargs)
+        advantages = group_advantages(-per_sample, group, eps=cfg.adv_eps, global_std=cfg.global_std,
+                                      clip=cfg.adv_clip_max)
+        buffer = dict(xs=xs, xs_next=xs_next, log_p_old=log_p_old, advantages=jax.lax.stop_gradient(advantages),
+                      scalarized=jax.lax.stop_gradient(-per_sample), raw=raw)
+        return buffer, new_pareto, {**reward_info, **info}
 
+    def policy_terms(params, ref, buffer, cond):
+        """(clipped policy loss, KL, clip fraction) averaged over the SDE steps, and the largest |ρ − 1|."""
         def step(carry, inputs):
-            policy_sum, kl_sum, clipped_sum = carry
+            policy_sum, kl_sum, clipped_sum, deviation_max = carry
             x, x_next, lp_old, pair = inputs
             v = traj.guided_velocity(models.velocity, params, x, pair[0], cond)
             s = sde_scale(pair[0], sigma_after_one, cfg.noise_level)
             mean, std = sde_mean_std(x, v, pair[0], pair[1], s)
-            policy, clipped = clipped_policy_loss(log_prob(x_next, mean, std), lp_old, advantages, cfg.clip_range)
+            policy, clipped, deviation = clipped_policy_loss(log_prob(x_next, mean, std), lp_old,
+                                                             buffer["advantages"], cfg.clip_range)
             kl = jnp.zeros((), jnp.float32)
             if ref is not None:
                 v_ref = traj.guided_velocity(models.velocity, ref, x, pair[0], cond)
                 mean_ref, _ = sde_mean_std(x, v_ref, pair[0], pair[1], s)
                 kl = jnp.mean(jnp.square(mean - mean_ref)) / (2.0 * std ** 2)
-            return (policy_sum + policy, kl_sum + kl, clipped_sum + clipped), None
+            carry = (policy_sum + policy, kl_sum + kl, clipped_sum + clipped, jnp.maximum(deviation_max, deviation))
+            return carry, None
 
         zero = jnp.zeros((), jnp.float32)
-        (policy_sum, kl_sum, clipped_sum), _ = jax.lax.scan(remat_lib.wrap(step, cfg.remat), (zero, zero, zero),
-                                                            (xs, xs_next, log_p_old, sde_pairs))
+        (policy, kl, clipped, deviation), _ = jax.lax.scan(
+            remat_lib.wrap(step, cfg.remat), (zero, zero, zero, zero),
+            (buffer["xs"], buffer["xs_next"], buffer["log_p_old"], sde_pairs))
         steps = float(end - start)
-        policy, kl = policy_sum / steps, kl_sum / steps
+        return policy / steps, kl / steps, clipped / steps, deviation
+
+    def loss(trainable, frozen, state, batch, rng):
+        params = models.transformer_params(trainable, frozen)
+        cond = guidance.conditioning(batch, run.guidance_scale).tile(group)
+        if inner == 1:
+            buffer, new_state, reward_metrics = sample(params, frozen, state, batch, cond, rng)
+        else:  # sample on the first of `inner` steps (same batch: `batch_period`), reuse the buffer after
+            def fresh(_):
+                buffer, new_pareto, _ = sample(params, frozen, state["pareto"], batch, cond, rng)
+                return buffer, new_pareto
+
+            buffer, new_pareto = jax.lax.cond(state["phase"] == 0, fresh,
+                                              lambda _: (state["buffer"], state["pareto"]), None)
+            new_state = dict(pareto=new_pareto, buffer=buffer, phase=(state["phase"] + 1) % inner)
+            reward_metrics = {f"reward/{n}/raw": jnp.mean(buffer["raw"][n]) for n in names}
+            reward_metrics["sampled"] = (state["phase"] == 0).astype(jnp.float32)
+        ref = models.reference_params(trainable, frozen) if use_reference else None
+        policy, kl, clip_fraction, deviation = policy_terms(params, ref, buffer, cond)
         value = policy + cfg.kl_beta * kl
-        scalarised = -per_sample
-        metrics = {**reward_info, **info, "loss": value, "policy_loss": policy, "kl": kl,
-                   "clip_fraction": clipped_sum / steps, "reward/scalarized": jnp.mean(scalarised),
-                   "reward/mean": jnp.mean(jnp.stack([jnp.mean(raw[n]) for n in names])),
-                   "advantage/abs_mean": jnp.mean(jnp.abs(advantages))}
+        metrics = {**reward_metrics, "loss": value, "policy_loss": policy, "kl": kl, "clip_fraction": clip_fraction,
+                   "ratio/max_abs_deviation": deviation,
+                   "reward/scalarized": jnp.mean(buffer["scalarized"]),
+                   "reward/mean": jnp.mean(jnp.stack([jnp.mean(buffer["raw"][n]) for n in names])),
+                   "advantage/abs_mean": jnp.mean(jnp.abs(buffer["advantages"]))}
         return value, (metrics, new_state)
 
-    return base.Objective(loss=loss, data="prompts", needs_reference=use_reference,
-                          init_state=lambda trainable, frozen: pareto.init_state(names))
+    def init_state(trainable, frozen):
+        if inner == 1:
+            return pareto.init_state(names)
+        rows = run.batch_size * group
+        latents = models.latent_shape(rows)
+        steps = end - start
+        buffer = dict(xs=jnp.zeros((steps, *latents), jnp.float32), xs_next=jnp.zeros((steps, *latents), jnp.float32),
+                      log_p_old=jnp.zeros((steps, rows), jnp.float32), advantages=jnp.zeros((rows,), jnp.float32),
+                      scalarized=jnp.zeros((rows,), jnp.float32),
+                      raw={n: jnp.zeros((rows,), jnp.float32) for n in names})
+        return dict(pareto=pareto.init_state(names), buffer=buffer, phase=jnp.zeros((), jnp.int32))
+
+    return base.Objective(loss=loss, data="prompts", needs_reference=use_reference, init_state=init_state,
+                          batch_period=inner)
 
 
 SPEC = register(base.ObjectiveSpec(name="grpo", defaults=DEFAULTS, build=build, check=check_fields))

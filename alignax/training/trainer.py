@@ -407,7 +407,8 @@ class Trainer:
         if self._preemption_agreed():
             return self._preempted_before_start(run, state, "after restoring the state")
         loader = self.make_loader()
-        first = self.device_batch(loader.batch_at(start))
+        period = self.objective.batch_period  # several updates on one batch (grpo's inner epochs)
+        first = self.device_batch(loader.batch_at(start // period))
         compiled = self.compile(first)
         run.writer.scalars(start, {f"compile/{k}": v for k, v in self.compiled_stats.items()})
         if self._preemption_agreed():
@@ -419,7 +420,7 @@ class Trainer:
         step = start
         run.window_start = time.perf_counter()
         while step < end:
-            batch = first if step == start else self.device_batch(loader.batch_at(step))
+            batch = first if step == start else self.device_batch(loader.batch_at(step // period))
             state, metrics = compiled(state, self.frozen, batch)
             step += 1
             run.step = step

@@ -99,9 +99,10 @@ def test_the_clip_binds_exactly_where_the_ratio_leaves_the_interval():
     binds = ((advantages > 0) & (ratios > 1 + eps)) | ((advantages < 0) & (ratios < 1 - eps))
     np.testing.assert_allclose(grads[binds], 0.0)
     np.testing.assert_allclose(grads[~binds], (-advantages * ratios)[~binds], rtol=1e-6)
-    _, fraction = grpo.clipped_policy_loss(jnp.log(jnp.asarray(ratios)), jnp.asarray(log_p_old),
-                                           jnp.asarray(advantages), eps)
+    _, fraction, deviation = grpo.clipped_policy_loss(jnp.log(jnp.asarray(ratios)), jnp.asarray(log_p_old),
+                                                      jnp.asarray(advantages), eps)
     assert float(fraction) == pytest.approx(np.mean(np.abs(ratios - 1) > eps))
+    assert float(deviation) == pytest.approx(1.0, rel=1e-6)  # the ratio 2.0
 
 
 def test_group_advantages_and_constant_rewards_give_a_zero_update():
@@ -125,7 +126,7 @@ def test_group_advantages_and_constant_rewards_give_a_zero_update():
 
 
 @pytest.mark.parametrize("field, value, message", [
-    ("group_size", 1, "group_size=1"), ("inner_epochs", 2, "only 1 is supported"),
+    ("group_size", 1, "group_size=1"), ("inner_epochs", 0, "inner_epochs=0"),
     ("sde_window", (3, 2), "sde_window"), ("sde_window", (0, 9), "sde_window"), ("noise_level", 0.0, "noise_level"),
     ("kl_beta", -1.0, "kl_beta"), ("train_num_steps", -1, "train_num_steps"),
 ])
@@ -174,6 +175,32 @@ def test_the_weighted_reward_rises_and_a_resumed_run_equals_an_uninterrupted_one
     assert resumed.final_step == straight.final_step == 4
     for part in ("trainable", "opt_state", "objective", "step"):
         assert_trees_equal(resumed.state[part], straight.state[part])
+
+
+def test_inner_epochs_reuse_the_sampled_batch_the_clip_binds_and_resume_is_exact_mid_reuse(tmp_path,
+                                                                                           tiny_world):  # noqa: F811
+    """inner_epochs=2: steps 1 and 3 sample, steps 2 and 4 reuse the kept trajectory on the same data batch (so
+    ρ ≠ 1 and a tight clip binds); a run stopped after step 1, inside a reuse pair, resumes bit-exact."""
+    settings = {"objective.inner_epochs": 2, "objective.clip_range": 1e-4, "optim.learning_rate": 1e-2,
+                "optim.warmup_steps": 0}  # (warm-up's first step has learning rate 0: nothing would move)
+    with pytest.raises(ConfigError, match="grad_accum_steps=1"):
+        trainer_for(tmp_path, tiny_world, "accum", grad_accum_steps=2, **settings)
+    straight = trainer_for(tmp_path, tiny_world, "inner", **settings)
+    assert straight.objective.batch_period == 2
+    result = straight.run()
+    logged = rows(tmp_path / "inner" / "metrics.jsonl")
+    assert [r["sampled"] for r in logged] == [1.0, 0.0, 1.0, 0.0]
+    # Sampling steps evaluate ρ at the params that sampled (1 up to float rounding); reused ones after an update.
+    deviations = [r["ratio/max_abs_deviation"] for r in logged]
+    print("max |ratio - 1| per step:", deviations, "clip fractions:", [r["clip_fraction"] for r in logged])
+    assert deviations[1] > 10 * max(deviations[0], 1e-6) and deviations[3] > 10 * max(deviations[2], 1e-6)
+    assert logged[1]["clip_fraction"] > 0.0 and logged[3]["clip_fraction"] > 0.0  # ε = 1e-4 binds
+    assert logged[1]["reward/scalarized"] == logged[0]["reward/scalarized"]  # the same samples, scored once
+    first = trainer_for(tmp_path, tiny_world, "inner_resumed", checkpoint_every=1, **settings)
+    assert first.run(stop_after=1).final_step == 1 and first.checkpointer.latest_step() == 1
+    resumed = trainer_for(tmp_path, tiny_world, "inner_resumed", **settings).run()
+    for part in ("trainable", "opt_state", "objective", "step"):
+        assert_trees_equal(resumed.state[part], result.state[part])
 
 
 def test_a_host_reward_trains_with_grpo_and_is_refused_by_reward_backprop(tmp_path, tiny_world):  # noqa: F811
