@@ -160,9 +160,9 @@ def test_dry_run_writes_the_manifest_and_the_cli_error_is_one_line(tmp_path, cap
     root = tmp_path / "root"
     assert cli.run_study(TINY + ":2", str(root), dry_run=True, num_devices=1) == 0
     out = capsys.readouterr().out
-    assert len([line for line in out.splitlines() if " -m alignax." in line]) == 13
+    assert len([line for line in out.splitlines() if " -m alignax." in line]) == 16
     manifest = json.loads((root / "study.json").read_text())
-    assert [p["state"] for p in manifest["points"]] == ["pending"] * 13
+    assert [p["state"] for p in manifest["points"]] == ["pending"] * 16
     assert manifest["judges"] == ["green", "brightness"] and manifest["eval"]["seeds"] == [0, 1]
     assert sorted(p.name for p in root.iterdir()) == ["study.json"]  # a dry run starts nothing
 
