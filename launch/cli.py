@@ -61,7 +61,11 @@ def status(root: str) -> list[str]:
                 else "no status")
         lines.append(f"{name}: {point.get('state')}; launcher {record.get('state', '-')}"
                      f" (attempt {record.get('attempt', 0)}, {record.get('resource', 'no resource')}); {step}")
-    live = backend.list_resources()
+    try:
+        live = backend.list_resources()
+    except ConfigError as e:  # the points' states above are still worth printing
+        lines.append(f"live resources labelled {backend.prefix}: could not list them: {str(e).splitlines()[0]}")
+        return lines
     lines.append(f"{len(live)} live resources labelled {backend.prefix}: "
                  + (", ".join(f"{r['name']} ({r['state']})" for r in live) or "none"))
     return lines
