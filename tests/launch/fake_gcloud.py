@@ -117,6 +117,9 @@ def gcloud(argv: list[str]) -> int:
         return 2
     verb = argv[3]
     if verb == "list":
+        if scenario.get("list_error"):
+            print(f"ERROR: (gcloud.compute.tpus.queued-resources.list) {scenario['list_error']}", file=sys.stderr)
+            return 1
         print(json.dumps(scenario.get("list", [])))
         return 0
     name = argv[4]

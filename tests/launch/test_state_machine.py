@@ -142,6 +142,9 @@ def test_status_collect_and_a_delete_that_only_touches_labelled_resources(tmp_pa
     deletes = [c for c in fake_cloud.calls() if c[3:5] == ["queued-resources", "delete"]]
     assert [c[5] for c in deletes][-1] == "tiny-a-1-a0"
     assert not any(c[5] in ("someone-else", "tiny-lookalike") for c in deletes)
+    fake_cloud.scenario(list_error="PERMISSION_DENIED: tpu.queuedResources.list")
+    lines = launch_cli.status(str(root))
+    assert lines[0].startswith("base: finished") and "could not list them" in lines[-1] and "PERMISSION" in lines[-1]
 
 
 def test_nothing_is_requested_before_the_plan_is_confirmed(tmp_path, fake_cloud, capsys):
