@@ -41,3 +41,15 @@ def tiny_run(total_steps: int = 20, batch_size: int = 8) -> ml_collections.Confi
     c.optim.warmup_steps = 2
     c.sample.num_steps = 8
     return c
+
+
+def tiny_lora(c: ml_collections.ConfigDict, rank: int = 4) -> None:
+    """LoRA adapters of rank `rank` (alpha = rank: scale 1) on every adapted MM-DiT kernel."""
+    c.lora.enabled = True
+    c.lora.rank = rank
+    c.lora.alpha = float(rank)
+
+
+def running_normalization(names: Iterable[str], momentum: float = 0.9) -> ml_collections.ConfigDict:
+    """`config.pareto.normalization` that standardises each reward by its running mean and std."""
+    return ml_collections.ConfigDict({name: dict(method="running", momentum=momentum) for name in names})

@@ -17,7 +17,5 @@ def get_config(arg: str = ""):
     if "online" in options:
         c.objective.reference_refresh_every = 5
     if "lora" in options:
-        c.lora.enabled = True
-        c.lora.rank = 4
-        c.lora.alpha = 4.0
+        common.tiny_lora(c)
     return c

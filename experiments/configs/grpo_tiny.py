@@ -34,10 +34,7 @@ def get_config(arg: str = ""):
     if "kl" in options:
         c.objective.kl_beta = 0.04
     if "lora" in options:
-        c.lora.enabled = True
-        c.lora.rank = 4
-        c.lora.alpha = 4.0
+        common.tiny_lora(c)
     if "running" in options:
-        c.pareto.normalization = ml_collections.ConfigDict(
-            {name: dict(method="running", momentum=0.9) for name in c.rewards})
+        c.pareto.normalization = common.running_normalization(c.rewards)
     return c

@@ -77,8 +77,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         c.pareto.weights = ml_collections.ConfigDict(dict(aesthetic=1.0, identity=1.0, alignment=0.0))
         # The scores live on different scales (a PickScore-style logit, a cosine, 100 x cosine): each is divided
         # by its running std, so the weights, not the units, set the trade-off.
-        c.pareto.normalization = ml_collections.ConfigDict(
-            {name: dict(method="running", momentum=0.9) for name in TRAINED_REWARDS})
+        c.pareto.normalization = common.running_normalization(TRAINED_REWARDS)
     elif objective == "dpo":
         c.objective.beta = 500.0
         c.objective.sample_posterior = False

@@ -41,12 +41,9 @@ def get_config(arg: str = ""):
     if "kl" in options:
         c.objective.kl_weight = 0.1
     if "lora" in options:
-        c.lora.enabled = True
-        c.lora.rank = 4
-        c.lora.alpha = 4.0
+        common.tiny_lora(c)
     if "running" in options:
-        c.pareto.normalization = ml_collections.ConfigDict(dict(red=dict(method="running", momentum=0.9),
-                                                                blue=dict(method="running", momentum=0.9)))
+        c.pareto.normalization = common.running_normalization(("red", "blue"))
     if "chebyshev" in options and "mgda" in options:
         raise ConfigError(f"reward_backprop_tiny.py:{arg}: options chebyshev and mgda are two scalarisations; give one")
     if "chebyshev" in options:

@@ -55,6 +55,5 @@ def get_config(arg: str = ""):
     c.lora.enabled = "runlocal" not in options  # LoRA needs a pretrained base (a random one is adaLN-Zero)
     c.lora.rank, c.lora.alpha = 32, 32.0
     c.pareto.weights = ml_collections.ConfigDict(dict(hps=0.5, aesthetic=0.5))
-    c.pareto.normalization = ml_collections.ConfigDict(dict(hps=dict(method="running", momentum=0.99),
-                                                            aesthetic=dict(method="running", momentum=0.99)))
+    c.pareto.normalization = common.running_normalization(("hps", "aesthetic"), momentum=0.99)
     return c

@@ -13,9 +13,7 @@ def get_config(arg: str = ""):
     c.objective.name = "sft"
     c.objective.sample_posterior = False  # the random tiny VAE's posterior std is ~1: train on its mean
     if "lora" in options:
-        c.lora.enabled = True
-        c.lora.rank = 4
-        c.lora.alpha = 4.0
+        common.tiny_lora(c)
     if "ema" in options:
         c.ema.enabled = True
         c.ema.decay = 0.9
