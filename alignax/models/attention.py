@@ -30,7 +30,11 @@ def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
 
 @register("einsum")
 def einsum_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """Both einsums in head-major (B, H, T, D), with q, k, v relaid out once up front: mixing the layouts
+    (`bqhd,bkhd->bhqk`, then `bhqk,bkhd->bqhd`) made XLA:CPU emit the second einsum as a transposed dot,
+    and this kernel measured 1.4x faster forward on (8, 273, 6, 64) (docs/performance.md)."""
     scale = q.shape[-1] ** -0.5
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q * scale, k)
+    q, k, v = (jnp.swapaxes(x, 1, 2) for x in (q, k, v))
+    logits = jnp.einsum("bhqd,bhkd->bhqk", q * scale, k)
     weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
-    return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+    return jnp.swapaxes(jnp.einsum("bhqk,bhkd->bhqd", weights, v), 1, 2)

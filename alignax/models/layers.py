@@ -7,6 +7,7 @@ backward pass of a 3-D Dense inserted layout transposes that cost ~40% of a step
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -123,7 +124,12 @@ class Conv2d(nn.Module):
 
 
 class GroupNorm(nn.Module):
-    """torch.nn.GroupNorm semantics on NHWC (two-pass variance in fp32)."""
+    """torch.nn.GroupNorm semantics on NHWC (two-pass variance in fp32).
+
+    The statistics are summed over the spatial axes first, with the channels still contiguous, and only
+    then folded into groups: reducing a (B, H, W, G, C/G) view over (H, W, C/G) in one go measured 1.7x
+    slower on CPU (a strided reduction), and group norms are a third of a VAE decode's time.
+    """
 
     num_groups: int = 32
     epsilon: float = 1e-6
@@ -132,12 +138,19 @@ class GroupNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        channels = x.shape[-1]
-        grouped = x.astype(jnp.float32).reshape(*x.shape[:-1], self.num_groups, channels // self.num_groups)
-        axes = tuple(range(1, x.ndim - 1)) + (x.ndim,)
-        mean = grouped.mean(axes, keepdims=True)
-        var = jnp.square(grouped - mean).mean(axes, keepdims=True)
-        y = ((grouped - mean) * jax.lax.rsqrt(var + self.epsilon)).reshape(x.shape)
+        batch, channels = x.shape[0], x.shape[-1]
+        spatial = tuple(range(1, x.ndim - 1))
+        per_group = channels // self.num_groups
+        count = math.prod(x.shape[1:-1]) * per_group
+
+        def group_mean(channel_sums: jax.Array) -> jax.Array:
+            """(B, C) sums over the spatial axes -> each channel's group mean, broadcastable against x."""
+            means = channel_sums.reshape(batch, self.num_groups, per_group).sum(-1) / count
+            return jnp.repeat(means, per_group, axis=-1).reshape(batch, *(1,) * len(spatial), channels)
+
+        x32 = x.astype(jnp.float32)
+        centered = x32 - group_mean(jnp.sum(x32, spatial))
+        y = centered * jax.lax.rsqrt(group_mean(jnp.sum(jnp.square(centered), spatial)) + self.epsilon)
         scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)), (channels,),
                            self.param_dtype)
         bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)), (channels,),
