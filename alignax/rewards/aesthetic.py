@@ -15,6 +15,7 @@ from typing import Any
 import jax
 
 from alignax.models.aesthetic import load_aesthetic
+from alignax.models.pretrained import Pretrained
 from alignax.rewards import preprocess
 from alignax.rewards.base import Reward, register, require_path
 from alignax.rewards.clip_similarity import check_exists, image_size, load_clip
@@ -35,6 +36,11 @@ def aesthetic(name: str, *, checkpoint: str | None = None, clip: str | None = No
     backbone = load_clip(clip, source=f"{source} clip=", open_clip_config=clip_model_config, **options)
     mlp = load_aesthetic(checkpoint, input_size=backbone.module.config.projection_dim,
                          dtype=options.get("dtype", jax.numpy.float32))
+    return aesthetic_reward(name, backbone, mlp)
+
+
+def aesthetic_reward(name: str, backbone: Pretrained, mlp: Pretrained) -> Reward:
+    """The reward from a loaded CLIP and MLP (or abstract ones, as the roofline benchmark compiles)."""
     size, clip_module, mlp_module = image_size(backbone), backbone.module, mlp.module
     clip_specs = backbone.logical_specs()
     params = {"clip": {k: backbone.params[k] for k in _VISION_PARAMS},

@@ -9,10 +9,13 @@ The score is what HPSv2's `img_score.score` returns: the diagonal of
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
+import numpy as np
 
+from alignax.models.pretrained import Pretrained
 from alignax.rewards import preprocess
 from alignax.rewards.base import Reward, register, require_path
 from alignax.rewards.clip_similarity import (
@@ -42,13 +45,20 @@ def hpsv2(name: str, *, kind: str = "hpsv2", checkpoint: str | None = None, toke
     tok = load_clip_tokenizer(tokenizer, source=f"{source} tokenizer=")
     model = load_clip(checkpoint, source=f"{source} checkpoint=", open_clip_config=model_config, **options)
     check_vocab(tok, vocab_size(model), f"{source} tokenizer=")
+    return hpsv2_reward(name, model, clip_tokenize_fn(tok, name, context_length(model), pad_id=0),
+                        benchmark_scale=benchmark_scale)
+
+
+def hpsv2_reward(name: str, model: Pretrained, tokenize: Callable[[list[str]], dict[str, np.ndarray]], *,
+                 benchmark_scale: bool = False) -> Reward:
+    """The reward from a loaded CLIP (or an abstract one, as the roofline benchmark compiles)."""
     size, scale = image_size(model), 100.0 if benchmark_scale else 1.0
 
     def to_score(cosine: jax.Array, params: Any) -> jax.Array:
         return scale * cosine
 
     return similarity_reward(
-        name, model, tokenize=clip_tokenize_fn(tok, name, context_length(model), pad_id=0),
+        name, model, tokenize=tokenize,
         pixels=lambda images: preprocess.hpsv2_pixels(images, size), to_score=to_score,
         range=f"cosine similarity in [-1, 1]{' x 100' if benchmark_scale else ''}; real images score about "
               f"{'20-35' if benchmark_scale else '0.20-0.35'}",
