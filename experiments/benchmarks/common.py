@@ -91,3 +91,40 @@ def machine_line() -> str:
     return (f"jax {jax.__version__} backend={jax.default_backend()} devices={jax.device_count()} "
             f"torch {torch.__version__} threads={torch.get_num_threads()} "
             f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')} cpus={os.cpu_count()} load={os.getloadavg()}")
+
+
+def op_profile(run: Callable[[], object], compiled, repeats: int = 3, top: int = 25) -> list[tuple[float, str, str]]:
+    """Where a compiled step's time goes: a `jax.profiler` trace of `repeats` runs, summed per XLA op over the
+    CPU worker threads (so on 2 threads the total is up to 2x the wall time), largest first, as
+    (ms per run, op name, the op's fused computation in the optimised HLO, abridged)."""
+    import collections
+    import glob
+    import tempfile
+
+    run()
+    with tempfile.TemporaryDirectory() as directory:
+        with jax.profiler.trace(directory):
+            for _ in range(repeats):
+                run()
+        trace = jax.profiler.ProfileData.from_file(sorted(glob.glob(f"{directory}/**/*.xplane.pb", recursive=True))[-1])
+        totals: collections.Counter = collections.Counter()
+        for plane in trace.planes:
+            for line in plane.lines:
+                if "XLAEigen" not in line.name:
+                    continue
+                for event in line.events:
+                    if event.name != "ThunkExecutor::Execute":
+                        totals[event.name] += event.duration_ns
+    hlo = compiled.as_text()
+    return [(ns / repeats / 1e6, name, _hlo_summary(hlo, name)) for name, ns in totals.most_common(top)]
+
+
+def _hlo_summary(hlo: str, op: str) -> str:
+    """The op's output shape and the source op it came from (XLA's metadata op_name), shortened."""
+    import re
+
+    line = next((ln for ln in hlo.splitlines() if re.match(rf"\s*(ROOT )?%?{re.escape(op)} = ", ln)), "")
+    shape = re.search(r"= (\S+) ", line)
+    source = re.search(r'op_name="([^"]*)"', line)
+    where = source.group(1).replace("jit(", "").replace("MMDiT.", "") if source else ""
+    return f"{shape.group(1) if shape else '?'} {where[-150:]}"
