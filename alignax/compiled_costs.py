@@ -1,8 +1,12 @@
-"""What a compiled XLA program costs per device: FLOPs, bytes, and the bytes its collectives move.
+"""What a compiled XLA program costs per device: matmul FLOPs and the bytes its collectives move.
 
-`cost_analysis()` gives FLOPs and bytes accessed but counts a loop body once and says nothing about
-collectives; the optimised HLO text says both, so the collectives are parsed from it with the trip count
-of every loop around them (XLA annotates while loops with `known_trip_count`).
+`cost_analysis()` counts a loop body once, not once per trip (a scan of 1 and of 10 matmuls report the same
+FLOPs), and says nothing about collectives. Every sampler-based objective loops over its sampler steps, so
+its cost-analysis FLOPs are too small by up to the number of steps. The optimised HLO text has what is
+missing: each instruction's computation, and each while loop's `known_trip_count`. Here the dots and
+convolutions (the FLOPs that matter) and the collectives are counted from it, each times the number of
+times its computation runs. Loops whose trip count is only known at run time (ReFL's traced stop step)
+count once.
 """
 
 from __future__ import annotations
@@ -44,7 +48,8 @@ def computations(hlo: str) -> dict[str, list[str]]:
 
 
 def call_multiplicity(comps: dict[str, list[str]]) -> dict[str, int]:
-    """How many times each computation runs per step: while bodies times their known trip count."""
+    """How many times each computation runs per execution: summed over its call sites, a while body
+    times its loop's known trip count (1 when unknown), a conditional branch as if taken."""
     callers: dict[str, list[tuple[str, int]]] = {}
     for name, lines in comps.items():
         for line in lines:
@@ -64,10 +69,44 @@ def call_multiplicity(comps: dict[str, list[str]]) -> dict[str, int]:
         if name not in callers or depth > 50:
             memo[name] = 1
             return 1
-        memo[name] = max(factor * times(caller, depth + 1) for caller, factor in callers[name])
+        memo[name] = sum(factor * times(caller, depth + 1) for caller, factor in callers[name])
         return memo[name]
 
     return {name: times(name) for name in comps}
+
+
+_INSTRUCTION = re.compile(r"\s*(?:ROOT )?%?([\w.\-]+) = (?:\w+)\[([\d,]*)\]")
+_OPERAND = r"(?:\w+\[[\d,]*\]\S*\s)?%?([\w.\-]+)"
+_MATMUL = re.compile(rf"\s*(?:ROOT )?%?[\w.\-]+ = \w+\[([\d,]*)\]\S* (dot|convolution)\({_OPERAND}, {_OPERAND}[,)]")
+
+
+def _dims(text: str) -> list[int]:
+    return [int(d) for d in text.split(",") if d]
+
+
+def matmul_flops(hlo: str) -> float:
+    """FLOPs of every dot and convolution (2 per multiply-add) times the runs of its computation."""
+    comps = computations(hlo)
+    runs = call_multiplicity(comps)
+    total = 0.0
+    for name, lines in comps.items():
+        shapes = {m.group(1): _dims(m.group(2)) for m in map(_INSTRUCTION.match, lines) if m}
+        for line in lines:
+            m = _MATMUL.match(line)
+            if not m:
+                continue
+            out, kind, lhs, rhs = _dims(m.group(1)), m.group(2), shapes.get(m.group(3)), shapes.get(m.group(4))
+            if lhs is None or rhs is None:
+                continue
+            if kind == "dot":
+                contracting = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", line)
+                reduced = math.prod(lhs[i] for i in _dims(contracting.group(1))) if contracting else 1
+            else:  # the kernel's size over its output-feature axis: window x input features / groups
+                labels = re.search(r"dim_labels=\w+_(\w+)->", line)
+                out_features = rhs[labels.group(1).index("o")] if labels else 1
+                reduced = math.prod(rhs) // max(out_features, 1)
+            total += 2.0 * math.prod(out) * reduced * runs.get(name, 1)
+    return total
 
 
 def collective_bytes(hlo: str, devices: int) -> dict[str, float]:

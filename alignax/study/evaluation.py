@@ -74,8 +74,9 @@ def run_cost(workdir: str, config: ml_collections.ConfigDict, step: int) -> dict
     """What training the point up to `step` cost, from its config and `metrics.jsonl`.
 
     `train_seconds`: the compiled steps' time (each logging window's steps / its steps_per_second)
-    plus checkpoint and sample I/O, without compilation; `flops`: the XLA cost analysis of the
-    compiled train step (`compile/flops`, per device program) × steps; `reward_fwd_bwd`: samples
+    plus checkpoint and sample I/O, without compilation; `flops`: the compiled train step's matmul FLOPs with
+    every loop trip counted (`compile/matmul_flops`, per device program; runs logged before it existed fall
+    back to XLA's `compile/flops`, which counts a sampler loop once) × steps; `reward_fwd_bwd`: samples
     each reward scored with a backward pass (reward_backprop only: batch × DRaFT-LV copies × steps, times
     the number of weighted rewards for a gradient-balanced scalarisation, which runs one backward each).
     Fields that metrics.jsonl does not give are None."""
@@ -102,8 +103,8 @@ def run_cost(workdir: str, config: ml_collections.ConfigDict, step: int) -> dict
             continue  # a torn last line
         if row_step > step:
             continue
-        if "compile/flops" in row:
-            cost["flops_per_step"] = float(row["compile/flops"])
+        if "compile/matmul_flops" in row or "compile/flops" in row:
+            cost["flops_per_step"] = float(row.get("compile/matmul_flops", row.get("compile/flops")))
         if "loss" in row:
             window += 1
         if row.get("steps_per_second"):

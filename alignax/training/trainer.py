@@ -24,8 +24,8 @@ import optax
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
+from alignax import compiled_costs, fs, objectives, sampling
 from alignax import config as config_lib
-from alignax import fs, objectives, sampling
 from alignax import mesh as mesh_lib
 from alignax import rng as rng_lib
 from alignax.conditioning import negative_prompt, on_the_fly
@@ -629,13 +629,20 @@ def _status_of(error: BaseException) -> tuple[str, str]:
 
 
 def compiled_statistics(compiled: Any) -> dict[str, float]:
-    """FLOPs and per-device memory of a compiled executable (whatever this backend reports)."""
+    """FLOPs and per-device memory of a compiled executable (whatever this backend reports).
+
+    `flops` is XLA's cost analysis, which counts a loop body once; `matmul_flops` counts every dot and
+    convolution once per loop trip (`alignax.compiled_costs`), the figure that compares objectives."""
     stats: dict[str, float] = {}
     cost = compiled.cost_analysis()
     if isinstance(cost, list):
         cost = cost[0] if cost else {}
     if cost and "flops" in cost:
         stats["flops"] = float(cost["flops"])
+    try:
+        stats["matmul_flops"] = compiled_costs.matmul_flops(compiled.as_text())
+    except Exception as e:  # a diagnostic figure: never worth failing a run
+        log.warning("could not count the step's matmul FLOPs from its HLO: %s", e)
     memory = compiled.memory_analysis()
     for field in ("temp_size_in_bytes", "argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes"):
         if memory is not None and hasattr(memory, field):

@@ -13,11 +13,11 @@ many fake devices as the slice has chips. Steps:
 - `sft`: full-parameter rectified-flow SFT of the same MM-DiT at 1024² on pre-encoded latents (AdamW on
   every param), with the same mesh, batch and runtime options.
 
-From the compiled per-device program: FLOPs and bytes accessed (`cost_analysis()`), the collectives the
-sharding inserted (parsed from the optimised HLO, each multiplied by the trip count of the loops around
-it), and the per-device memory (`memory_analysis()`). XLA counts a loop body once, so the sampler's
-frozen-step loop is corrected by compiling one guided model call on the same mesh and adding it for the
-uncounted iterations. The projection, per chip:
+From the compiled per-device program: matmul FLOPs and the collectives the sharding inserted, both parsed
+from the optimised HLO with every loop trip counted (`alignax.compiled_costs`); bytes accessed from
+`cost_analysis()`, which counts a loop body once, so the sampler's frozen-step loop is corrected by
+compiling one guided model call on the same mesh and adding it for the uncounted iterations; and the
+per-device memory (`memory_analysis()`). The projection, per chip:
 
     compute = flops / peak bf16 FLOP/s      HBM = bytes accessed / HBM bandwidth
     ICI = sum over collectives of (bytes each chip sends) / ICI bandwidth (bidirectional, all links)
@@ -52,6 +52,7 @@ from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 
 from alignax import mesh as mesh_lib  # noqa: E402
 from alignax import objectives  # noqa: E402
+from alignax.compiled_costs import collective_bytes, cost, matmul_flops  # noqa: E402
 from alignax.conditioning import guidance  # noqa: E402
 from alignax.models import aesthetic as aesthetic_model  # noqa: E402
 from alignax.models import clip as clip_model  # noqa: E402
@@ -62,7 +63,6 @@ from alignax.objectives import trajectory  # noqa: E402
 from alignax.rewards.aesthetic import aesthetic_reward  # noqa: E402
 from alignax.rewards.hpsv2 import hpsv2_reward  # noqa: E402
 from alignax.training import lora, optim, train_state  # noqa: E402
-from experiments.benchmarks.hlo_costs import collective_bytes, cost  # noqa: E402
 from experiments.benchmarks.model_flops import LOGIT_BYTES, attention_logits, mmdit_forward_flops  # noqa: E402
 from experiments.configs import sd35_reward_backprop  # noqa: E402
 
@@ -307,8 +307,8 @@ class Projection:
                 f"{self.bound(True)} | **{self.mfu(True):.0%}** | {self.memory / 2**30:.0f} |")
 
 
-HEADER = ("| slice | step | images/chip | XLA TFLOP/chip | model TFLOP/chip | HBM GB/chip (scores) | ICI GB/chip | "
-          "compute s | HBM s | ICI s | step s | bound | MFU | flash: step s | flash: bound | flash: MFU | "
+HEADER = ("| slice | step | images/chip | HLO matmul TFLOP/chip | model TFLOP/chip | HBM GB/chip (scores) | "
+          "ICI GB/chip | compute s | HBM s | ICI s | step s | bound | MFU | flash: step s | flash: bound | flash: MFU | "
           "XLA:CPU GiB/chip |")
 
 
@@ -324,14 +324,13 @@ def project(builder: StepBuilder, slice_name: str, step: str) -> Projection:
     built = getattr(builder, step)(chips)
     mesh = builder.mesh(chips)
     compiled, seconds = compile_built(built, mesh, builder.rules)
-    costs = cost(compiled)
     hlo = compiled.as_text()
+    costs = {"flops": matmul_flops(hlo), "bytes": cost(compiled)["bytes"]}
     ici = collective_bytes(hlo, chips)
-    if built.loop_call is not None and built.uncounted_iterations:
+    if built.loop_call is not None and built.uncounted_iterations:  # bytes accessed counts a loop body once
         with mesh_lib.use_mesh(mesh, builder.rules):
             call = jax.jit(built.loop_call).lower(*built.loop_args).compile(compiler_options=FAST_COMPILE)
-        call_cost = cost(call)
-        costs = {k: v + built.uncounted_iterations * call_cost[k] for k, v in costs.items()}
+        costs["bytes"] += built.uncounted_iterations * cost(call)["bytes"]
     memory = compiled.memory_analysis()
     per_device = (memory.argument_size_in_bytes + memory.output_size_in_bytes + memory.temp_size_in_bytes
                   - memory.alias_size_in_bytes)

@@ -162,3 +162,17 @@ def test_a_tiny_study_really_trains_and_reports(tmp_path):
         assert all((root / n / "eval.json").is_file() for n in names)
         assert (root / "report" / "index.html").is_file() and "report" in out.stdout.splitlines()[-1]
     print(f"tiny end-to-end study: {elapsed:.1f}s")
+
+
+def test_run_cost_counts_every_sampler_step(tmp_path):
+    """The study's FLOP axis: the loop-aware matmul count when the run logged it, XLA's count otherwise."""
+    from alignax import config as config_lib
+    from alignax.study import evaluation
+
+    config = config_lib.base_config()
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text('{"step": 0, "compile/flops": 10.0, "compile/matmul_flops": 40.0}\n'
+                       '{"step": 3, "loss": 1.0, "steps_per_second": 1.0}\n')
+    assert evaluation.run_cost(str(tmp_path), config, 3)["flops"] == 120.0
+    metrics.write_text('{"step": 0, "compile/flops": 10.0}\n{"step": 3, "loss": 1.0, "steps_per_second": 1.0}\n')
+    assert evaluation.run_cost(str(tmp_path), config, 3)["flops"] == 30.0
