@@ -308,7 +308,8 @@ class Projection:
 
 
 HEADER = ("| slice | step | images/chip | HLO matmul TFLOP/chip | model TFLOP/chip | HBM GB/chip (scores) | "
-          "ICI GB/chip | compute s | HBM s | ICI s | step s | bound | MFU | flash: step s | flash: bound | flash: MFU | "
+          "ICI GB/chip | compute s | HBM s | ICI s | step s | bound | MFU | flash: step s | flash: bound | "
+          "flash: MFU | "
           "XLA:CPU GiB/chip |")
 
 
