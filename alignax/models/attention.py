@@ -1,8 +1,9 @@
 """Attention kernels by name, so each backend can use what is fastest on it.
 
 All take q, k, v as (batch, tokens, heads, head_dim) and return the same layout.
-`xla` is `jax.nn.dot_product_attention` (fused on TPU/GPU); `einsum` is the plain
-reference in (batch, heads, tokens, head_dim), which measured ~10% faster on CPU.
+`xla` is `jax.nn.dot_product_attention`; `einsum` is the plain reference in (batch, heads, tokens,
+head_dim), the fastest on CPU; `splash` is the Pallas TPU flash kernel (`alignax/models/splash_attention.py`),
+which never writes the attention scores to HBM (interpret mode, exact but slow, off TPU).
 """
 
 from __future__ import annotations
@@ -38,3 +39,9 @@ def einsum_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
     logits = jnp.einsum("bhqd,bhkd->bhqk", q * scale, k)
     weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
     return jnp.swapaxes(jnp.einsum("bhqk,bhkd->bhqd", weights, v), 1, 2)
+
+
+@register("splash")
+def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    from alignax.models.splash_attention import splash_attention as splash  # Pallas: imported when chosen
+    return splash(q, k, v)

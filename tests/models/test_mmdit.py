@@ -43,7 +43,7 @@ def test_sd3_parity(sd3, height, width):
     assert err <= TOL, err
 
 
-@pytest.mark.parametrize("attention", ["xla", "einsum"])
+@pytest.mark.parametrize("attention", ["xla", "einsum", "splash"])
 def test_sd35_dual_attention_rms_qk_norm_parity(sd35, attention):
     torch_model, path = sd35
     inputs = ref.transformer_inputs(ref.SD35_TINY, height=10, width=6, batch=3)
