@@ -38,6 +38,9 @@ def get_config(arg: str = ""):
         c.model.pretrained = MODEL_PATH
         c.model.compute_dtype = "bfloat16"
         c.model.remat = "full"                 # per MM-DiT block; each sampler step is remat'ed as well
+        # Flash attention (Pallas splash): XLA's attention writes every score to HBM, which bounds this step at
+        # ~33% MFU on v5p-64 on paper (docs/performance.md); not yet timed on a TPU: `=xla` is the fallback.
+        c.model.attention = "splash"
         c.mesh.shape = (1, -1, 1)              # FSDP over every device
         c.log_every, c.checkpoint_every, c.keep_checkpoints, c.eval_every = 10, 200, 3, 200
         c.rewards.hps = dict(kind="hpsv2.1", checkpoint="/path/to/HPS_v2.1_compressed.pt",
