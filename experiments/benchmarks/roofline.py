@@ -17,18 +17,23 @@ From the compiled per-device program: matmul FLOPs and the collectives the shard
 from the optimised HLO with every loop trip counted (`alignax.compiled_costs`); bytes accessed from
 `cost_analysis()`, which counts a loop body once, so the sampler's frozen-step loop is corrected by
 compiling one guided model call on the same mesh and adding it for the uncounted iterations; and the
-per-device memory (`memory_analysis()`). The projection, per chip:
+per-device memory (`memory_analysis()`, XLA:CPU's buffer assignment: not what TPU's scheduler would plan).
+Each term, in seconds per chip:
 
-    compute = flops / peak bf16 FLOP/s      HBM = bytes accessed / HBM bandwidth
-    ICI = sum over collectives of (bytes each chip sends) / ICI bandwidth (bidirectional, all links)
-    step = max(compute, HBM, ICI) (perfect overlap), MFU = model flops / (step * peak)
+    compute = HLO matmul flops / peak bf16 FLOP/s
+    ICI     = sum over collectives of the bytes each chip sends / ICI bandwidth (bidirectional, all links)
+    scores  = attention-score bytes (analytic: 12 B per score per pass, model_flops.LOGIT_BYTES) / HBM bandwidth
+    XLA:CPU bytes = `cost_analysis()` bytes accessed / HBM bandwidth
 
-where model flops leave out what remat recomputes (the XLA count includes it; both are printed).
-Bytes accessed is XLA:CPU's estimate after CPU fusion; TPU fuses more, so HBM is an upper bound.
-Chip figures: the Cloud TPU system-architecture pages (`CHIPS`). The MaxDiffusion comparison projects
-our SFT step at Flux-dev's per-chip load (see `maxdiffusion_comparison`).
+and three projections, the step being the largest of its terms (perfect overlap of the rest):
+`splash` (compute, ICI: the scores stay on chip and the rest of a TPU-fused program's traffic hides under
+compute), `XLA attention` (compute, ICI, scores), `XLA:CPU bytes` (compute, ICI, CPU bytes: XLA:CPU fuses far
+less than XLA:TPU, a pessimistic bound). MFU = model flops / (step * peak), model flops leaving out what
+remat recomputes (`model_flops.py`; the HLO count includes it). Chip figures: the Cloud TPU
+system-architecture pages (`CHIPS`). The MaxDiffusion comparison projects our SFT step at Flux-dev's per-chip
+load (see `maxdiffusion_comparison`).
 
-Last line: `roofline mfu_<step>_<slice>=<x> flash_mfu_<step>_<slice>=<y> ...` per step and slice.
+Last line: `roofline mfu_<step>_<slice>=<splash> xla_attention_mfu_<step>_<slice>=<x> ...` per step and slice.
 """
 
 from __future__ import annotations
@@ -284,36 +289,46 @@ class Projection:
     def chip(self) -> Chip:
         return CHIPS[SLICES[self.slice][0]]
 
-    def times(self, flash: bool = False) -> dict[str, float]:
-        """Seconds per term; `flash`: without the materialised attention scores' HBM traffic, as a flash
-        kernel that keeps them on chip would run."""
-        hbm = max(self.bytes - self.logit_bytes, 0.0) if flash else self.bytes
-        return {"compute": self.flops / self.chip.bf16_flops, "HBM": hbm / self.chip.hbm_bandwidth,
-                "ICI": sum(self.ici_bytes.values()) / self.chip.ici_bandwidth}
+    def times(self) -> dict[str, float]:
+        """Seconds per chip for each term of the roofline."""
+        return {"compute": self.flops / self.chip.bf16_flops,
+                "ICI": sum(self.ici_bytes.values()) / self.chip.ici_bandwidth,
+                "scores": self.logit_bytes / self.chip.hbm_bandwidth,
+                "XLA:CPU bytes": self.bytes / self.chip.hbm_bandwidth}
 
-    def step_seconds(self, flash: bool = False) -> float:
-        return max(self.times(flash).values())
+    # Three projections, by which terms bound the step (perfect overlap of the rest):
+    SCENARIOS = {
+        "splash": ("compute", "ICI"),                 # scores stay on chip; fused TPU traffic hides under compute
+        "XLA attention": ("compute", "ICI", "scores"),  # every score written to HBM and read back
+        "XLA:CPU bytes": ("compute", "ICI", "XLA:CPU bytes"),  # CPU fusion's traffic: a pessimistic bound
+    }
 
-    def bound(self, flash: bool = False) -> str:
-        t = self.times(flash)
-        return max(t, key=t.get)
+    def step_seconds(self, scenario: str = "splash") -> float:
+        t = self.times()
+        return max(t[term] for term in self.SCENARIOS[scenario])
 
-    def mfu(self, flash: bool = False) -> float:
-        return self.model_flops / (self.step_seconds(flash) * self.chip.bf16_flops)
+    def bound(self, scenario: str = "splash") -> str:
+        t = self.times()
+        return max(self.SCENARIOS[scenario], key=t.get)
+
+    def mfu(self, scenario: str = "splash") -> float:
+        return self.model_flops / (self.step_seconds(scenario) * self.chip.bf16_flops)
 
     def line(self) -> str:
         t = self.times()
-        return (f"| {self.slice} | {self.step} | {self.per_chip_batch:g} | {self.flops / 1e12:.1f} | "
-                f"{self.model_flops / 1e12:.1f} | {self.bytes / 1e9:.0f} ({self.logit_bytes / 1e9:.0f}) | "
-                f"{sum(self.ici_bytes.values()) / 1e9:.1f} | {t['compute']:.3f} | {t['HBM']:.3f} | {t['ICI']:.3f} | "
-                f"{self.step_seconds():.3f} | {self.bound()} | **{self.mfu():.0%}** | {self.step_seconds(True):.3f} | "
-                f"{self.bound(True)} | **{self.mfu(True):.0%}** | {self.memory / 2**30:.0f} |")
+        cells = [self.slice, self.step, f"{self.per_chip_batch:g}", f"{self.flops / 1e12:.1f}",
+                 f"{self.model_flops / 1e12:.1f}", f"{t['compute']:.3f}", f"{t['ICI']:.3f}", f"{t['scores']:.3f}",
+                 f"{t['XLA:CPU bytes']:.3f}"]
+        for scenario in self.SCENARIOS:
+            cells.append(f"{self.step_seconds(scenario):.3f} s, {self.bound(scenario)}, "
+                         f"**{self.mfu(scenario):.0%}**")
+        cells.append(f"{self.memory / 2**30:.0f}")
+        return "| " + " | ".join(cells) + " |"
 
 
-HEADER = ("| slice | step | images/chip | HLO matmul TFLOP/chip | model TFLOP/chip | HBM GB/chip (scores) | "
-          "ICI GB/chip | compute s | HBM s | ICI s | step s | bound | MFU | flash: step s | flash: bound | "
-          "flash: MFU | "
-          "XLA:CPU GiB/chip |")
+HEADER = ("| slice | step | images/chip | HLO matmul TFLOP/chip | model TFLOP/chip | compute s | ICI s | scores s | "
+          "XLA:CPU bytes s | splash: step, bound, MFU | XLA attention: step, bound, MFU | "
+          "XLA:CPU bytes: step, bound, MFU | XLA:CPU GiB/chip |")
 
 
 def compile_built(built: Built, mesh, rules) -> tuple[Any, float]:
@@ -361,8 +376,9 @@ def maxdiffusion_comparison(sft_v5p: Projection) -> str:
     return (f"MaxDiffusion Flux-dev, v5p-8 ({chips} chips, {per_chip:.0f} images/chip): {FLUX_DEV['seconds']} s/step, "
             f"{flux_flops / 1e15:.2f} PFLOP/chip/step = {flux_mfu:.0%} MFU. alignax SD3.5-medium SFT at "
             f"{per_chip:.0f} images/chip: {our_flops / 1e15:.3f} PFLOP/chip/step, projected {our_step:.3f} s/step "
-            f"({sft_v5p.mfu():.0%} MFU), with a flash kernel {sft_v5p.step_seconds(True) * scale:.3f} s/step "
-            f"({sft_v5p.mfu(True):.0%}); Flux-dev does {flux_flops / our_flops:.1f}x the work per image")
+            f"({sft_v5p.mfu():.0%} MFU) with splash, {sft_v5p.step_seconds('XLA attention') * scale:.3f} s/step "
+            f"({sft_v5p.mfu('XLA attention'):.0%}) with XLA attention; Flux-dev does {flux_flops / our_flops:.1f}x "
+            "the work per image")
 
 
 def main() -> None:
@@ -396,7 +412,8 @@ def main() -> None:
     if sft_v5p is not None:
         print(maxdiffusion_comparison(sft_v5p))
     print("roofline " + " ".join(f"mfu_{p.step}_{p.slice.replace('-', '')}={p.mfu():.3f} "
-                                 f"flash_mfu_{p.step}_{p.slice.replace('-', '')}={p.mfu(True):.3f}" for p in rows))
+                                 f"xla_attention_mfu_{p.step}_{p.slice.replace('-', '')}={p.mfu('XLA attention'):.3f}"
+                                 for p in rows))
 
 
 if __name__ == "__main__":
