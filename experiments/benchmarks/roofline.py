@@ -136,7 +136,7 @@ def sd35_config() -> ml_collections.ConfigDict:
     c.model.transformer = ml_collections.ConfigDict(SD35_MEDIUM)
     c.model.vae = ml_collections.ConfigDict(SD3_VAE)
     # XLA's attention: off TPU the splash kernel the config asks for compiles as its interpreter, which says
-    # nothing about TPU; the `flash` columns project it instead (the scores' HBM traffic removed).
+    # nothing about TPU; the `splash` projection stands for it (the scores' HBM traffic left out).
     c.model.attention = "xla"
     return c
 
@@ -149,7 +149,6 @@ class Built:
 
     fn: Callable
     args: tuple
-    out_shardings: Any
     model_flops: float         # per device, without remat recompute
     logit_bytes: float         # per device: HBM traffic of materialised attention scores (estimate)
     loop_call: Callable | None = None  # one uncounted loop iteration's function and args
@@ -242,7 +241,7 @@ class StepBuilder:
             return trajectory.guided_velocity(models.velocity, params, x, jnp.float32(0.5), cond)
 
         frozen_steps = num_steps - k
-        return Built(step, (trainable, opt_state, frozen, objective_state, batch, rng), None, model_flops, logit_bytes,
+        return Built(step, (trainable, opt_state, frozen, objective_state, batch, rng), model_flops, logit_bytes,
                      loop_call=guided_call, loop_args=(trainable, frozen, batch),
                      uncounted_iterations=max(frozen_steps - 1, 0))
 
@@ -264,7 +263,7 @@ class StepBuilder:
         batch = self.batch_shapes(mesh, arrays)
         model_flops = 3 * mmdit_forward_flops(SD35_MEDIUM, b / chips, TEXT_TOKENS)  # forward + 2x backward
         logit_bytes = LOGIT_BYTES * 4 * attention_logits(SD35_MEDIUM, b / chips, TEXT_TOKENS)
-        return Built(self._step(objective, tx), (trainable, opt_state, frozen, {}, batch, jax.random.key(0)), None,
+        return Built(self._step(objective, tx), (trainable, opt_state, frozen, {}, batch, jax.random.key(0)),
                      model_flops, logit_bytes)
 
 
