@@ -2,7 +2,9 @@
 
 Every benchmark times each variant once per round and repeats the rounds, so a busy machine slows
 every side alike; ratios are taken between medians. Import this module *after* the benchmark has set
-its environment (XLA_FLAGS, OMP_WAIT_POLICY), which must happen before jax and torch are imported.
+its environment, which must happen before jax and torch are imported: every benchmark sets
+OMP_WAIT_POLICY=PASSIVE, because with OpenMP's default spin-waiting torch on a shared, oversubscribed CPU
+measured 4.4x slower (11.6 s vs 2.5 s per step), which would flatter every ratio.
 """
 
 from __future__ import annotations
@@ -15,12 +17,6 @@ from collections.abc import Callable
 
 import jax
 import torch
-
-
-def quiet_torch_threads() -> None:
-    """With OpenMP's default spin-waiting, torch on a shared, oversubscribed CPU measured 4.4x slower than with
-    passive waiting (11.6 s vs 2.5 s per step), which would flatter every ratio. Call before torch is imported."""
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def randomize_(model: torch.nn.Module, seed: int, scale: float = 0.02) -> torch.nn.Module:

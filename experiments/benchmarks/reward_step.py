@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch is imported: see common.quiet_torch_threads
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch is imported (why: common.py)
 
 import argparse  # noqa: E402
 import json  # noqa: E402
