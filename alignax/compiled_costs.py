@@ -54,7 +54,7 @@ def call_multiplicity(comps: dict[str, list[str]]) -> dict[str, int]:
     for name, lines in comps.items():
         for line in lines:
             trips = re.search(r'"known_trip_count":\{"n":"(\d+)"', line)
-            for callee in re.findall(r"(?:body|condition|calls|to_apply|branch_computations)=\{?%?([\w.\-]+)", line):
+            for callee in re.findall(r"(?:body|condition|calls|to_apply)=%?([\w.\-]+)", line):
                 factor = int(trips.group(1)) if trips and " while(" in line else 1
                 callers.setdefault(callee, []).append((name, factor))
             for callee in re.findall(r"branch_computations=\{([^}]*)\}", line):
