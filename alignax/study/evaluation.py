@@ -4,7 +4,7 @@ sampling and scoring; this module decides what to evaluate and adds the study's 
 
 `ROOT/<point>/eval.json` holds what `alignax.evaluate` writes (per-prompt scores, mean, std and a
 bootstrap 95% interval per reward) plus the point's arm, objective, weights, state, the rewards
-it trains on, the judges, and its cost (steps, examples, train seconds, XLA FLOPs, reward
+it trains on, the judges, and its cost (steps, examples, train seconds, matmul FLOPs, reward
 forward+backward passes); `ROOT/<point>/grid.png` the images scored (a row per seed, a column per
 prompt). The base point is evaluated from its own workdir's checkpoint (`alignax.study.base_point`
 saves the initial train state as step 0); without one, the base model is recreated as the
