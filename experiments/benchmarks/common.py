@@ -9,9 +9,12 @@ measured 4.4x slower (11.6 s vs 2.5 s per step), which would flatter every ratio
 
 from __future__ import annotations
 
+import json
 import os
 import resource
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 
@@ -59,18 +62,18 @@ def report_times(times: dict[str, list[float]]) -> dict[str, float]:
     return median
 
 
-def compiled_flops(compiled) -> float:
-    """XLA's flop count of a compiled computation (loop bodies counted once: see docs/performance.md)."""
-    analysis = compiled.cost_analysis()
-    if isinstance(analysis, list | tuple):
-        analysis = analysis[0]
-    return float(analysis["flops"])
-
-
 def compiled_bytes(compiled) -> int:
     """What a compiled step allocates beyond its inputs: XLA's temp buffers plus its outputs (the gradients)."""
     memory = compiled.memory_analysis()
     return int(memory.temp_size_in_bytes + memory.output_size_in_bytes)
+
+
+def run_child(module: str, args: list[str], env: dict[str, str] | None = None) -> dict:
+    """Runs `python -m module args` (a benchmark re-invoked for a figure that needs its own process) and
+    returns the JSON object it prints last."""
+    out = subprocess.run([sys.executable, "-m", module, *args], check=True, capture_output=True, text=True,
+                         env=env)
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def peak_rss_bytes() -> int:

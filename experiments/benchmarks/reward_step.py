@@ -33,8 +33,6 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch is imported 
 
 import argparse  # noqa: E402
 import json  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
 import tempfile  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -46,9 +44,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.utils.checkpoint  # noqa: E402
 
+from alignax import compiled_costs, pareto, sampling  # noqa: E402
 from alignax import config as config_lib  # noqa: E402
-from alignax import pareto, sampling  # noqa: E402
-from alignax.models import load_diffusers  # noqa: E402
 from alignax.objectives import base as objectives_base  # noqa: E402
 from alignax.objectives import reward_backprop  # noqa: E402
 from alignax.rewards import preprocess  # noqa: E402
@@ -69,8 +66,6 @@ def make_batch() -> dict[str, np.ndarray]:
 
 def alignax_models(root: Path) -> tuple[objectives_base.Models, dict, dict]:
     """(Models, trainable, frozen) from the saved directories through alignax's own loaders."""
-    transformer = load_diffusers(root / "transformer", attention="einsum")
-    vae = load_diffusers(root / "vae")
     clip = load_clip(root / "clip", source="benchmark clip", open_clip_config="ViT-B-16")
     size = clip.module.config.vision.image_size
     reward = similarity_reward(
@@ -78,9 +73,8 @@ def alignax_models(root: Path) -> tuple[objectives_base.Models, dict, dict]:
         pixels=lambda images: preprocess.clip_pixels(images, size, crop_offset="floor"),
         to_score=lambda cosine, params: jnp.exp(params["logit_scale"].astype(jnp.float32)) * cosine,
         range="", preprocessing="")
-    scale, shift = tiny_sd3.VAE["scaling_factor"], tiny_sd3.VAE["shift_factor"]
-    models = objectives_base.Models(transformer.module, vae.module, scale, shift, rewards={REWARD: reward})
-    return models, {"transformer": transformer.params}, {"vae": vae.params, "rewards": {REWARD: clip.params}}
+    models, transformer, vae = tiny_sd3.load_alignax(root, rewards={REWARD: reward})
+    return models, {"transformer": transformer}, {"vae": vae, "rewards": {REWARD: clip.params}}
 
 
 def alignax_step(models, trainable, frozen, batch, mode: str, num_steps: int):
@@ -176,9 +170,8 @@ def torch_memory_child(root: str, mode: str, num_steps: int) -> None:
 
 def torch_step_bytes(root: Path, mode: str, num_steps: int) -> int:
     module = __spec__.name if __spec__ else "experiments.benchmarks.reward_step"
-    out = subprocess.run([sys.executable, "-m", module, "--torch-memory-child", str(root), "--modes", mode,
-                          "--steps", str(num_steps)], check=True, capture_output=True, text=True)
-    return int(json.loads(out.stdout.strip().splitlines()[-1])["bytes"])
+    return int(common.run_child(module, ["--torch-memory-child", str(root), "--modes", mode,
+                                         "--steps", str(num_steps)])["bytes"])
 
 
 # ---- main ---------------------------------------------------------------------------------------
@@ -233,7 +226,7 @@ def main() -> None:
     for mode in modes:
         torch_best = min((f"torch[{mode},{n}t]" for n in torch_threads), key=median.__getitem__)
         speedups[mode] = median[torch_best] / median[f"alignax[{mode}]"]
-        flops = common.compiled_flops(compiled[mode])
+        flops = compiled_costs.cost(compiled[mode])["flops"]
         torch_bytes, xla_bytes = memory[mode]
         ours = median[f"alignax[{mode}]"]
         print(f"{mode}: speedup {median[torch_best] * 1e3:.0f} ms ({torch_best}) / {ours * 1e3:.0f} ms = "

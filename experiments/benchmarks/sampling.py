@@ -28,24 +28,19 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from alignax import sampling  # noqa: E402
-from alignax.models import load_diffusers  # noqa: E402
-from alignax.objectives import base as objectives_base  # noqa: E402
+from alignax import compiled_costs, sampling  # noqa: E402
 from experiments.benchmarks import common, tiny_sd3  # noqa: E402
 
 
 def alignax_sampler(root: Path, batch: dict[str, np.ndarray], noise: np.ndarray, num_steps: int):
     """(run once -> images, compiled): the jitted sampler on the saved weights."""
-    transformer = load_diffusers(root / "transformer", attention="einsum")
-    vae = load_diffusers(root / "vae")
-    models = objectives_base.Models(transformer.module, vae.module, tiny_sd3.VAE["scaling_factor"],
-                                    tiny_sd3.VAE["shift_factor"])
+    models, transformer, vae = tiny_sd3.load_alignax(root)
 
     def generate(params, frozen, batch, noise):
         return sampling.generate_images(models, params, frozen, batch, noise, num_steps=num_steps,
                                         shift=tiny_sd3.SHIFT, guidance_scale=tiny_sd3.GUIDANCE)
 
-    args = (transformer.params, {"vae": vae.params}, {k: jnp.asarray(v) for k, v in batch.items()},
+    args = (transformer, {"vae": vae}, {k: jnp.asarray(v) for k, v in batch.items()},
             jnp.asarray(noise))
     compiled = jax.jit(generate).lower(*args).compile()
 
@@ -114,7 +109,7 @@ def main() -> None:
     torch_best = min((f"diffusers[{n}t]" for n in torch_threads), key=median.__getitem__)
     speedup = median[torch_best] / median["alignax"]
     print(f"images/s: alignax {args.batch / median['alignax']:.2f}, {torch_best} {args.batch / median[torch_best]:.2f};"
-          f" XLA flops {common.compiled_flops(compiled) / 1e9:.1f} G (the scan body counted once)")
+          f" XLA flops {compiled_costs.cost(compiled)['flops'] / 1e9:.1f} G (the scan body counted once)")
     print(f"load after: {os.getloadavg()}")
     print(f"sampling_speedup={speedup:.3f}")
 

@@ -19,8 +19,6 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch is imported 
 
 import argparse  # noqa: E402
 import json  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
 import tempfile  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 
@@ -30,6 +28,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 import torch  # noqa: E402
 
+from alignax import compiled_costs  # noqa: E402
 from alignax import mesh as mesh_lib  # noqa: E402
 from alignax.models import attention, load_diffusers  # noqa: E402
 from alignax.objectives import flow_matching  # noqa: E402
@@ -145,9 +144,7 @@ def fsdp_bytes_in_child(directory: str) -> tuple[int, int]:
     env = {**os.environ, "XLA_FLAGS": " ".join([os.environ.get("XLA_FLAGS", ""),
                                                  f"--xla_force_host_platform_device_count={FSDP_DEVICES}"]).strip()}
     module = __spec__.name if __spec__ else "experiments.benchmarks.train_step"
-    out = subprocess.run([sys.executable, "-m", module, "--fsdp-child", directory], check=True, capture_output=True,
-                         text=True, env=env)
-    figures = json.loads(out.stdout.strip().splitlines()[-1])
+    figures = common.run_child(module, ["--fsdp-child", directory], env=env)
     return figures["device_bytes"], figures["unsharded"]
 
 
@@ -217,7 +214,7 @@ def main() -> None:
     print(f"speedup: {torch_best} {torch_time * 1e3:.1f} ms / alignax[{best}] {alignax_time * 1e3:.1f} ms "
           f"= {speedup:.3f}")
 
-    flops = common.compiled_flops(built[best][1])
+    flops = compiled_costs.cost(built[best][1])["flops"]
     achieved = flops / alignax_time
     peak = 2 * GEMM**3 / median["gemm"]
     print(f"flops: {flops / 1e9:.2f} GFLOP/step / {alignax_time * 1e3:.1f} ms = {achieved / 1e9:.1f} GFLOP/s; "
